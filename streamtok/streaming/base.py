@@ -1,0 +1,204 @@
+"""Streaming state, the streaming-module base class and the container that owns all state.
+
+Vocabulary (used the same way everywhere in streamtok):
+
+- **slot**: one row of every state tensor. A live session owns one slot per model.
+- **step**: one call that pushes new input through a network and carries state forward.
+- **state**: a dataclass per stateful layer whose tensor fields are all shaped ``[slots, ...]``,
+  allocated once and updated in place.
+
+One code path: a :class:`StreamingModule` called outside a :class:`Streamer` step builds a fresh
+zero state for the batch and runs one step over the whole input. So the offline forward *is* the
+first step of a stream, and streamed output can be checked against it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from streamtok.errors import StreamingError
+
+Slots = Tensor | None
+"""Slot selection for a step: ``None`` = every slot, in order; else an int64 index tensor ``[B]``
+whose i-th entry is the slot that batch row i belongs to."""
+
+
+@dataclasses.dataclass
+class StreamState:
+    """Base class of per-layer streaming state.
+
+    Every field is a tensor shaped ``[slots, ...]``. ``RESET`` maps a field name to the value
+    it is reset to (0 when absent), e.g. ``-1`` for "no position yet".
+    """
+
+    RESET: ClassVar[dict[str, float | bool]] = {}
+
+    def fields(self) -> dict[str, Tensor]:
+        """Return the state's tensors by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def slots(self) -> int:
+        return next(iter(self.fields().values())).shape[0]
+
+    def reset(self, slots: Slots = None) -> None:
+        """Reset the chosen slots (all when ``None``) to the fresh-stream value, in place."""
+        for name, t in self.fields().items():
+            value = self.RESET.get(name, 0)
+            if slots is None:
+                t.fill_(value)
+            else:
+                t[slots] = value
+
+    def get(self, name: str, slots: Slots) -> Tensor:
+        """Field ``name`` for the stepped slots: a view when ``slots`` is None, else a gather."""
+        t = getattr(self, name)
+        return t if slots is None else t.index_select(0, slots)
+
+    def put(self, name: str, slots: Slots, value: Tensor) -> None:
+        """Write ``value`` (``[B, ...]``) into field ``name`` for the stepped slots, in place."""
+        t = getattr(self, name)
+        value = value.detach()
+        if slots is None:
+            t.copy_(value)
+        else:
+            t.index_copy_(0, slots, value.to(t.dtype))
+
+
+class StreamingModule(nn.Module):
+    """A layer with explicit per-slot state.
+
+    Subclasses implement :meth:`init_state` and :meth:`step`. ``forward`` dispatches: inside
+    :meth:`Streamer.stepping` it uses the container's state for this layer; otherwise it runs
+    one step from a fresh state (the offline forward).
+    """
+
+    def init_state(self, slots: int, device: torch.device, dtype: torch.dtype) -> StreamState:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: StreamState, slots: Slots) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        active = _ACTIVE.get()
+        if active is not None:
+            state = active.states.get(id(self))
+            if state is not None:
+                return self.step(x, state, active.slots)
+        state = self.init_state(x.shape[0], x.device, x.dtype)
+        return self.step(x, state, None)
+
+
+@dataclasses.dataclass
+class _ActiveStep:
+    states: dict[int, StreamState]
+    slots: Slots
+
+
+_ACTIVE: contextvars.ContextVar[_ActiveStep | None] = contextvars.ContextVar(
+    "streamtok_active_step", default=None
+)
+
+
+class Streamer:
+    """Owns the state of every :class:`StreamingModule` inside ``model``, for ``slots`` slots.
+
+    Example::
+
+        streamer = Streamer(encoder, slots=64)
+        with streamer.stepping(torch.tensor([3, 7])):
+            y = encoder(x)          # x: [2, C, T]; rows are slots 3 and 7
+        streamer.reset(torch.tensor([3]))   # slot 3 starts a new stream
+
+    Several streamers may exist for one model (each has its own state); steps must not
+    interleave across threads for one streamer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if slots < 1:
+            raise StreamingError(f"a Streamer needs at least one slot, got {slots}")
+        param = next(model.parameters(), None)
+        device = torch.device(device) if device is not None else (
+            param.device if param is not None else torch.device("cpu"))
+        dtype = dtype or (param.dtype if param is not None else torch.float32)
+        self.model = model
+        self.num_slots = slots
+        self.device = device
+        self.layers: dict[str, StreamingModule] = {
+            name: m for name, m in model.named_modules() if isinstance(m, StreamingModule)
+        }
+        self.named_states: dict[str, StreamState] = {
+            name: m.init_state(slots, device, dtype) for name, m in self.layers.items()
+        }
+        self._by_id = {id(self.layers[n]): s for n, s in self.named_states.items()}
+
+    @contextlib.contextmanager
+    def stepping(self, slots: Slots = None) -> Iterator[None]:
+        """Run the model's streaming layers on this streamer's state for ``slots``."""
+        if slots is not None:
+            slots = slots.to(device=self.device, dtype=torch.long)
+        token = _ACTIVE.set(_ActiveStep(self._by_id, slots))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+    def reset(self, slots: Slots = None) -> None:
+        """Clear the chosen slots' state (all slots when ``None``); other slots are untouched."""
+        if slots is not None:
+            slots = slots.to(device=self.device, dtype=torch.long)
+        for state in self.named_states.values():
+            state.reset(slots)
+
+    def export(self, slot: int) -> dict[str, Tensor]:
+        """Copy one slot's whole state out, as ``{"layer.field": tensor}`` (for session resume)."""
+        return {
+            f"{name}.{field}": t[slot].clone()
+            for name, state in self.named_states.items()
+            for field, t in state.fields().items()
+        }
+
+    def restore(self, slot: int, data: dict[str, Tensor]) -> None:
+        """Load a slot's state exported by :meth:`export` (from this or an identical model)."""
+        expected = {
+            f"{name}.{field}": t
+            for name, state in self.named_states.items()
+            for field, t in state.fields().items()
+        }
+        if set(data) != set(expected):
+            missing = sorted(set(expected) - set(data))[:5]
+            extra = sorted(set(data) - set(expected))[:5]
+            raise StreamingError(f"state does not match this model: missing {missing}, extra {extra}")
+        for key, t in expected.items():
+            if tuple(data[key].shape) != tuple(t.shape[1:]):
+                raise StreamingError(
+                    f"state {key!r} has shape {tuple(data[key].shape)}, expected {tuple(t.shape[1:])}")
+        for key, t in expected.items():
+            t[slot].copy_(data[key])
+
+    def state_bytes(self) -> int:
+        """Total bytes of state held for all slots."""
+        return sum(t.numel() * t.element_size()
+                   for s in self.named_states.values() for t in s.fields().values())
+
+
+def slot_count(x: Tensor, state: StreamState, slots: Slots) -> None:
+    """Check that a step's batch matches the slot selection (cheap, clear error otherwise)."""
+    expected = state.slots if slots is None else slots.shape[0]
+    if x.shape[0] != expected:
+        raise StreamingError(
+            f"step input has batch {x.shape[0]} but {expected} slots were selected")
+
