@@ -84,7 +84,7 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize(("factory", "channels", "unit"), [l[1:] for l in LAYERS], ids=[l[0] for l in LAYERS])
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_layer_streams_like_offline(factory, channels, unit, seed):
     """Random whole-stride splits (1-stride packets up to many) give the offline output."""
@@ -98,7 +98,7 @@ def test_layer_streams_like_offline(factory, channels, unit, seed):
         assert_rel_close(stream(layer, x, list(range(0, x.shape[-1] + 1, unit))), ref)
 
 
-@pytest.mark.parametrize(("factory", "channels", "unit"), [l[1:] for l in LAYERS], ids=[l[0] for l in LAYERS])
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
 def test_layer_is_causal(factory, channels, unit):
     """Changing input after sample t never changes the outputs computed from samples before t."""
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def _slot_states(streamer: Streamer, slot: int) -> dict[str, torch.Tensor]:
     return streamer.export(slot)
 
 
-@pytest.mark.parametrize(("factory", "channels", "unit"), [l[1:] for l in LAYERS], ids=[l[0] for l in LAYERS])
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
 def test_subset_step_leaves_other_slots_untouched(factory, channels, unit):
     """Stepping slots {1, 3} changes only their state, and equals streaming them on their own."""
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_subset_step_leaves_other_slots_untouched(factory, channels, unit):
     assert_rel_close(out, expected)
 
 
-@pytest.mark.parametrize(("factory", "channels", "unit"), [l[1:] for l in LAYERS], ids=[l[0] for l in LAYERS])
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
 def test_reset_one_slot_equals_fresh_state(factory, channels, unit):
     """After ``reset([2])`` slot 2 streams a new input exactly as a fresh stream would."""
     torch.manual_seed(0)
@@ -162,7 +162,7 @@ def test_reset_one_slot_equals_fresh_state(factory, channels, unit):
         assert_rel_close(out, layer(new))
 
 
-@pytest.mark.parametrize(("factory", "channels", "unit"), [l[1:] for l in LAYERS], ids=[l[0] for l in LAYERS])
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
 def test_export_restore_round_trip(factory, channels, unit):
     """A slot's exported state, restored into another streamer's slot, continues the stream identically."""
     torch.manual_seed(0)

@@ -123,13 +123,15 @@ class Streamer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | list[nn.Module],
         slots: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         if slots < 1:
             raise StreamingError(f"a Streamer needs at least one slot, got {slots}")
+        if isinstance(model, (list, tuple)):
+            model = nn.ModuleList(model)  # a view for naming; parameters stay where they are
         param = next(model.parameters(), None)
         device = torch.device(device) if device is not None else (
             param.device if param is not None else torch.device("cpu"))

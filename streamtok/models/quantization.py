@@ -1,0 +1,162 @@
+"""Residual vector quantization with EMA codebooks (SoundStream/EnCodec) and Mimi's split RVQ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class EMACodebook(nn.Module):
+    """A codebook of ``size`` vectors of ``dim``, learnt by exponential moving averages.
+
+    The codewords are ``embedding_sum / cluster_usage``; both are buffers, so the codebook is
+    trained without gradients (k-means-like updates) and restarted where codes go dead.
+    """
+
+    def __init__(self, dim: int, size: int, decay: float = 0.99, epsilon: float = 1e-5,
+                 dead_ratio: float = 0.05) -> None:
+        super().__init__()
+        self.dim, self.size, self.decay, self.epsilon, self.dead_ratio = dim, size, decay, epsilon, dead_ratio
+        self.register_buffer("embedding_sum", torch.randn(size, dim) * 0.01)
+        self.register_buffer("cluster_usage", torch.ones(size))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def embedding(self) -> Tensor:
+        """``[size, dim]`` codewords."""
+        return self.embedding_sum / self.cluster_usage.clamp(min=self.epsilon)[:, None]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``[N, dim]`` -> ``[N]`` int64 index of the nearest codeword (Euclidean)."""
+        emb = self.embedding
+        dist = (x * x).sum(-1, keepdim=True) - 2 * x @ emb.t() + (emb * emb).sum(-1)[None]
+        return dist.argmin(-1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """``[...]`` int64 -> ``[..., dim]`` codewords."""
+        return F.embedding(codes, self.embedding)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, codes: Tensor) -> None:
+        """EMA step on a batch ``x`` ``[N, dim]`` with its ``codes`` ``[N]``; restart dead codes."""
+        x = x.detach().float()
+        if not bool(self.initialized):
+            picks = x[torch.randint(len(x), (self.size,), device=x.device)]
+            self.embedding_sum.copy_(picks)
+            self.cluster_usage.fill_(1.0)
+            self.initialized.fill_(True)
+            codes = self.encode(x)
+        counts = torch.bincount(codes, minlength=self.size).to(x.dtype)
+        sums = torch.zeros_like(self.embedding_sum).index_add_(0, codes, x)
+        self.cluster_usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embedding_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        dead = self.cluster_usage < self.dead_ratio * self.cluster_usage.mean()
+        n_dead = int(dead.sum())
+        if n_dead:
+            picks = x[torch.randint(len(x), (n_dead,), device=x.device)]
+            self.embedding_sum[dead] = picks
+            self.cluster_usage[dead] = 1.0
+
+
+@dataclass
+class QuantizedResult:
+    """``quantized`` ``[B, D, T]``; ``codes`` ``[B, K, T]`` int64; ``commit_loss`` scalar."""
+
+    quantized: Tensor
+    codes: Tensor
+    commit_loss: Tensor
+
+
+class ResidualVQ(nn.Module):
+    """Residual VQ over ``[B, dim, T]``: level ``k`` quantizes what levels ``< k`` left over.
+
+    Optional 1x1 projections map ``dim`` to the codebook dimension and back.
+    """
+
+    def __init__(self, dim: int, codebook_dim: int, levels: int, codebook_size: int,
+                 decay: float = 0.99) -> None:
+        super().__init__()
+        self.levels, self.codebook_size = levels, codebook_size
+        proj = codebook_dim != dim
+        self.input_proj = nn.Conv1d(dim, codebook_dim, 1, bias=False) if proj else nn.Identity()
+        self.output_proj = nn.Conv1d(codebook_dim, dim, 1, bias=False) if proj else nn.Identity()
+        self.codebooks = nn.ModuleList(EMACodebook(codebook_dim, codebook_size, decay) for _ in range(levels))
+
+    def encode(self, x: Tensor, levels: int | None = None) -> Tensor:
+        """``[B, dim, T]`` -> codes ``[B, levels, T]`` int64."""
+        levels = self.levels if levels is None else levels
+        residual = self.input_proj(x).transpose(1, 2)  # [B, T, Dc]
+        codes = []
+        for cb in self.codebooks[:levels]:
+            idx = cb.encode(residual)
+            residual = residual - cb.decode(idx)
+            codes.append(idx)
+        if not codes:
+            return x.new_zeros(x.shape[0], 0, x.shape[-1], dtype=torch.long)
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes ``[B, K, T]`` (K <= levels) -> ``[B, dim, T]``."""
+        out = 0
+        for k in range(codes.shape[1]):
+            out = out + self.codebooks[k].decode(codes[:, k])
+        if codes.shape[1] == 0:
+            raise ValueError("decoding needs at least one level")
+        return self.output_proj(out.transpose(1, 2))
+
+    def forward(self, x: Tensor, active_levels: Tensor | None = None) -> QuantizedResult:
+        """Training/analysis pass. ``active_levels`` ``[B]``: levels kept per item (quantizer
+        dropout); the rest are masked out of ``quantized``. Straight-through gradients to ``x``."""
+        z = self.input_proj(x)
+        residual = z.transpose(1, 2)  # [B, T, Dc]
+        q_sum = torch.zeros_like(residual)
+        commit = z.new_zeros(())
+        codes = []
+        for k, cb in enumerate(self.codebooks):
+            idx = cb.encode(residual.detach())
+            q = cb.decode(idx).detach()
+            commit = commit + F.mse_loss(residual, q)
+            if self.training:
+                cb.update(residual.reshape(-1, residual.shape[-1]), idx.reshape(-1))
+            keep = 1.0 if active_levels is None else (active_levels > k).to(q.dtype)[:, None, None]
+            q_sum = q_sum + q * keep
+            residual = residual - q
+            codes.append(idx)
+        zq = z + (q_sum.transpose(1, 2) - z).detach()  # straight-through estimator
+        return QuantizedResult(self.output_proj(zq), torch.stack(codes, 1), commit / max(1, self.levels))
+
+
+class SplitResidualVQ(nn.Module):
+    """Mimi's split RVQ: level 0 from a "semantic" RVQ, levels 1.. from an acoustic RVQ, both
+    reading the same input; their outputs are summed."""
+
+    def __init__(self, dim: int, codebook_dim: int, levels: int, codebook_size: int,
+                 semantic_levels: int = 1, decay: float = 0.99) -> None:
+        super().__init__()
+        self.levels, self.codebook_size, self.semantic_levels = levels, codebook_size, semantic_levels
+        self.rvq_first = ResidualVQ(dim, codebook_dim, semantic_levels, codebook_size, decay)
+        self.rvq_rest = ResidualVQ(dim, codebook_dim, levels - semantic_levels, codebook_size, decay)
+
+    def encode(self, x: Tensor, levels: int | None = None) -> Tensor:
+        levels = self.levels if levels is None else levels
+        codes = self.rvq_first.encode(x, min(levels, self.semantic_levels))
+        if levels > self.semantic_levels:
+            codes = torch.cat([codes, self.rvq_rest.encode(x, levels - self.semantic_levels)], 1)
+        return codes
+
+    def decode(self, codes: Tensor) -> Tensor:
+        out = self.rvq_first.decode(codes[:, : self.semantic_levels])
+        if codes.shape[1] > self.semantic_levels:
+            out = out + self.rvq_rest.decode(codes[:, self.semantic_levels:])
+        return out
+
+    def forward(self, x: Tensor, active_levels: Tensor | None = None) -> QuantizedResult:
+        first = self.rvq_first(x)
+        rest_levels = None if active_levels is None else (active_levels - self.semantic_levels).clamp(min=0)
+        rest = self.rvq_rest(x, rest_levels)
+        return QuantizedResult(first.quantized + rest.quantized,
+                               torch.cat([first.codes, rest.codes], 1),
+                               first.commit_loss + rest.commit_loss)

@@ -1,0 +1,82 @@
+"""Codec weights as safetensors files that carry their own config.
+
+A file stores every parameter and, for each EMA codebook, its codewords as ``*.embedding``
+(the running sums are a training detail). The config JSON travels in the file's metadata, so a
+weights file alone rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from streamtok.errors import ModelError
+from streamtok.models.codec import CausalCodec, CodecConfig
+from streamtok.models.quantization import EMACodebook
+
+
+def codec_tensors(model: CausalCodec, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Parameters plus codewords, as contiguous tensors of ``dtype``."""
+    out = {k: v.detach().to(dtype).contiguous() for k, v in model.named_parameters()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, EMACodebook):
+            out[f"{name}.embedding"] = mod.embedding.detach().to(dtype).contiguous()
+    return out
+
+
+def save_codec(model: CausalCodec, path: str | Path, metadata: dict[str, str] | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Write ``model`` to ``path`` (atomic rename), config included in the metadata."""
+    path = Path(path)
+    meta = {"format": "streamtok-codec-1", "config": json.dumps(model.cfg.to_dict())}
+    meta |= metadata or {}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(codec_tensors(model, dtype), str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_codec(path: str | Path, cfg: CodecConfig | None = None, device: str = "cpu") -> CausalCodec:
+    """Build the codec described by the file (or ``cfg``) and load its weights as float32."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as e:  # safetensors raises its own error types
+        raise ModelError(f"{path} is not a readable safetensors file: {e}") from e
+    if cfg is None:
+        if "config" not in meta:
+            raise ModelError(f"{path} carries no streamtok config; pass one explicitly")
+        cfg = CodecConfig.from_dict(json.loads(meta["config"]))
+    model = CausalCodec(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k).float()
+    expected = codec_tensors(model)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ModelError(f"{path} does not match config {cfg.name!r}: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k in params:
+                if params[k].shape != v.shape:
+                    raise ModelError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+                params[k].copy_(v)
+        for name, mod in model.named_modules():
+            if isinstance(mod, EMACodebook):
+                mod.embedding_sum.copy_(tensors[f"{name}.embedding"])
+                mod.cluster_usage.fill_(1.0)
+                mod.initialized.fill_(True)
+    return model.to(device).eval()

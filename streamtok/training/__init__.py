@@ -1,0 +1,1 @@
+"""Training and evaluation of streamtok's own codecs (not imported by the server)."""

@@ -1,0 +1,160 @@
+"""Training recipe for the causal codec: reconstruction first, adversarial later (optional).
+
+Resumable: ``OUT/checkpoint.pt`` holds model, optimizers and step; ``OUT/log.jsonl`` one line per
+log interval; ``OUT/best.safetensors`` + ``OUT/config.json`` the best weights on validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from streamtok.models.codec import CausalCodec, CodecConfig, count_parameters
+from streamtok.models.weights import save_codec
+from streamtok.training.data import Augmenter, SpeechCorpus
+from streamtok.training.discriminator import MultiScaleSTFTDiscriminator, adversarial_losses
+from streamtok.training.losses import MultiScaleMelLoss, log_mel_distance, si_sdr
+
+log = logging.getLogger("streamtok.training")
+
+
+@dataclass
+class TrainOptions:
+    config: str
+    data: str
+    out: str
+    val: str | None = None
+    noise: str | None = None
+    steps: int = 100_000
+    batch: int = 8
+    segment_seconds: float = 1.0
+    lr: float = 3e-4
+    threads: int = 1
+    device: str = "cpu"
+    log_every: int = 25
+    ckpt_every: int = 200
+    val_every: int = 1000
+    val_clips: int = 24
+    adversarial_from: int | None = None  # step at which the discriminator joins (None: never)
+    quantizer_dropout: float = 0.5
+    seed: int = 0
+
+
+def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str, float]:
+    model.eval()
+    mel, sdr = [], []
+    with torch.no_grad():
+        for clip in clips:
+            x = torch.from_numpy(clip)[None]
+            codes = model.encode(x).codes
+            y = model.decode(codes)[0, : x.shape[-1]]
+            mel.append(log_mel_distance(y, x[0], sr))
+            sdr.append(si_sdr(y, x[0]))
+    model.train()
+    return {"val_mel": float(np.mean(mel)), "val_sisdr": float(np.mean(sdr))}
+
+
+def train(opts: TrainOptions) -> None:
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = CodecConfig.from_json(opts.config)
+    device = torch.device(opts.device)
+    model = CausalCodec(cfg).to(device)
+    log.info("model %s: %.2f M parameters, %d Hz, frame %d", cfg.name,
+             count_parameters(model) / 1e6, cfg.sample_rate, cfg.frame_size)
+    disc = MultiScaleSTFTDiscriminator().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    mel_loss = MultiScaleMelLoss(cfg.sample_rate).to(device)
+
+    step, best = 0, math.inf
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["opt"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step, best = ckpt["step"], ckpt.get("best", math.inf)
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
+    noise = SpeechCorpus.from_folder(opts.noise, cfg.sample_rate) if opts.noise else None
+    segment = int(round(opts.segment_seconds * cfg.sample_rate / cfg.frame_size)) * cfg.frame_size
+    aug = Augmenter(corpus, segment, noise, seed=opts.seed + step)
+    val_clips: list[np.ndarray] = []
+    if opts.val:
+        val = SpeechCorpus.from_folder(opts.val, cfg.sample_rate, limit=None)
+        rng = np.random.default_rng(1234)
+        picks = rng.choice(len(val.clips), size=min(opts.val_clips, len(val.clips)), replace=False)
+        val_clips = [val.clips[i][: cfg.sample_rate * 6] for i in sorted(picks)]
+
+    levels = cfg.quantizer.levels
+    logf = (out / "log.jsonl").open("a")
+    acc: dict[str, float] = {}
+    t0 = time.monotonic()
+    model.train()
+    bar = tqdm(total=opts.steps, initial=step, desc="train", dynamic_ncols=True)
+    while step < opts.steps:
+        x = torch.from_numpy(aug.batch(opts.batch)).to(device)
+        active = torch.full((opts.batch,), levels, device=device)
+        drop = torch.rand(opts.batch, device=device) < opts.quantizer_dropout
+        active[drop] = torch.randint(1, levels + 1, (int(drop.sum()),), device=device)
+        y, q = model(x, active)
+        l_mel = mel_loss(y, x)
+        l_time = (y - x).abs().mean()
+        loss = l_mel + 0.1 * l_time + 1.0 * q.commit_loss
+        parts = {"mel": l_mel.item(), "l1": l_time.item(), "commit": q.commit_loss.item()}
+        adversarial = opts.adversarial_from is not None and step >= opts.adversarial_from
+        if adversarial:
+            l_adv, l_feat = adversarial_losses(disc, y, x)
+            loss = loss + 0.5 * l_adv + 1.0 * l_feat
+            parts |= {"adv": l_adv.item(), "feat": l_feat.item()}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if adversarial:
+            l_d = disc.discriminator_loss(y.detach(), x)
+            opt_d.zero_grad(set_to_none=True)
+            l_d.backward()
+            opt_d.step()
+            parts["disc"] = l_d.item()
+        step += 1
+        bar.update(1)
+        for k, v in (parts | {"gnorm": float(gnorm)}).items():
+            acc[k] = acc.get(k, 0.0) + v
+        if step % opts.log_every == 0:
+            row = {"step": step, "time": round(time.monotonic() - t0, 1)}
+            row |= {k: round(v / opts.log_every, 5) for k, v in acc.items()}
+            acc.clear()
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+            bar.set_postfix(mel=row["mel"], commit=row["commit"])
+        if val_clips and step % opts.val_every == 0:
+            score = _val_score(model, val_clips, cfg.sample_rate)
+            logf.write(json.dumps({"step": step, **score}) + "\n")
+            logf.flush()
+            log.info("step %d validation %s", step, score)
+            if score["val_mel"] < best:
+                best = score["val_mel"]
+                save_codec(model, out / "best.safetensors", {"step": str(step), **{k: str(v) for k, v in score.items()}})
+        if step % opts.ckpt_every == 0 or step == opts.steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
+                        "opt_d": opt_d.state_dict(), "step": step, "best": best}, tmp)
+            tmp.replace(ckpt_path)
+            save_codec(model, out / "last.safetensors", {"step": str(step)})
+    bar.close()
+    logf.close()
