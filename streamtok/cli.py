@@ -15,9 +15,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     train(TrainOptions(config=args.config, data=args.data, out=args.out, val=args.val,
                        noise=args.noise, steps=args.steps, batch=args.batch,
-                       segment_seconds=args.segment, lr=args.lr, threads=args.threads,
+                       segment_seconds=args.segment, lr=args.lr, threads=args.threads or 1,
                        device=args.device, adversarial_from=args.adversarial_from,
                        val_every=args.val_every, ckpt_every=args.ckpt_every))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from streamtok.models.registry import get_spec, model_names
+
+    for name in model_names():
+        spec = get_spec(name)
+        path = spec.find_weights()
+        status = f"weights: {path}" if path else f"weights: missing ({spec.weights_hint})"
+        print(f"{name:10s} {spec.description}\n{'':10s} {status}")
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import soundfile  # noqa: F401  (fail early with a clear import error)
+
+    from streamtok.models.registry import load_model
+    from streamtok.tokenize_file import encode_array, read_audio
+
+    model = load_model(args.model, args.weights, args.device)
+    audio, rate = read_audio(args.input)
+    enc = encode_array(model, audio, rate, args.codebooks, args.latents, progress=not args.quiet)
+    enc.save(args.output)
+    if not args.quiet:
+        print(f"{args.input}: {enc.codes.shape[1]} frames x {enc.codes.shape[0]} levels "
+              f"at {enc.frame_rate:g} Hz -> {args.output}")
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    import soundfile as sf
+
+    from streamtok.models.registry import load_model
+    from streamtok.tokenize_file import EncodedFile, decode_codes
+
+    enc = EncodedFile.load(args.input)
+    model = load_model(args.model or enc.model, args.weights, args.device)
+    audio, rate = decode_codes(model, enc, progress=not args.quiet)
+    sf.write(args.output, audio, rate, subtype="PCM_16" if args.output.endswith(".wav") else None)
+    if not args.quiet:
+        print(f"{args.input}: {len(audio) / rate:.2f} s at {rate} Hz -> {args.output}")
     return 0
 
 
@@ -25,7 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamtok", description=__doc__)
     p.add_argument("--version", action="version", version=f"streamtok {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is best on a busy machine)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("models", help="list the models this install knows and their weights").set_defaults(
+        func=_cmd_models)
+
+    e = sub.add_parser("encode", help="tokenize an audio file to .npz (codes [K, T], latents [D, T])")
+    e.add_argument("input")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--model", default="default")
+    e.add_argument("--weights", help="weights file (default: the model's own)")
+    e.add_argument("--codebooks", type=int, default=None, help="levels to keep (default: all)")
+    e.add_argument("--latents", action="store_true", help="also store pre-quantization latents")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_cmd_encode)
+
+    d = sub.add_parser("decode", help="decode an .npz of codes back to audio")
+    d.add_argument("input")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--model", default=None, help="default: the model named in the .npz")
+    d.add_argument("--weights")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=_cmd_decode)
 
     t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)")
     t.add_argument("--config", required=True, help="codec config JSON")
@@ -37,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--segment", type=float, default=1.0, help="seconds per training crop")
     t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--threads", type=int, default=1)
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--val-every", type=int, default=1000)
@@ -51,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -1,0 +1,109 @@
+"""File-level encode/decode used by ``streamtok encode`` / ``streamtok decode``.
+
+Encoding streams the file through the model in fixed steps of whole frames (the same path a
+live session takes), so memory stays bounded on long files and a progress bar can be shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from streamtok.audio.resample import resample
+from streamtok.errors import AudioFormatError
+from streamtok.models.base import Tokenizer
+from streamtok.streaming.frames import frames_after_flush
+
+STEP_FRAMES = 50
+
+
+@dataclass
+class EncodedFile:
+    """``codes`` ``[K, F]`` int64, ``latents`` ``[D, F]`` float32 or None, plus what decode needs
+    to give back audio aligned with the input."""
+
+    codes: np.ndarray
+    latents: np.ndarray | None
+    model: str
+    sample_rate: int
+    frame_rate: float
+    input_sample_rate: int
+    num_samples: int
+
+    def save(self, path: str | Path) -> None:
+        extra = {} if self.latents is None else {"latents": self.latents}
+        np.savez(path, codes=self.codes, model=self.model, sample_rate=self.sample_rate,
+                 frame_rate=self.frame_rate, input_sample_rate=self.input_sample_rate,
+                 num_samples=self.num_samples, **extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EncodedFile:
+        with np.load(path, allow_pickle=False) as z:
+            if "codes" not in z:
+                raise AudioFormatError(f"{path} has no 'codes' array")
+            return cls(codes=z["codes"].astype(np.int64),
+                       latents=z["latents"] if "latents" in z else None,
+                       model=str(z["model"]), sample_rate=int(z["sample_rate"]),
+                       frame_rate=float(z["frame_rate"]),
+                       input_sample_rate=int(z.get("input_sample_rate", z["sample_rate"])),
+                       num_samples=int(z.get("num_samples", 0)))
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Any soundfile-readable file -> (mono float32 ``[T]``, its sample rate)."""
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises RuntimeError/LibsndfileError
+        raise AudioFormatError(f"cannot read audio file {path}: {e}") from e
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32), sr
+
+
+def encode_array(model: Tokenizer, audio: np.ndarray, sample_rate: int, levels: int | None = None,
+                 latents: bool = False, progress: bool = False,
+                 step_frames: int = STEP_FRAMES) -> EncodedFile:
+    """Tokenize mono ``audio`` at ``sample_rate`` (resampled to the model rate first)."""
+    card = model.card
+    x = resample(audio, sample_rate, card.sample_rate) if sample_rate != card.sample_rate else audio
+    n_frames = frames_after_flush(len(x), card.frame_size)
+    padded = np.zeros(n_frames * card.frame_size, np.float32)
+    padded[: len(x)] = x
+    streamer = model.encoder_streamer(1)
+    codes, lats = [], []
+    step = step_frames * card.frame_size
+    for start in tqdm(range(0, len(padded), step), disable=not progress, unit="step", desc="encode"):
+        chunk = torch.from_numpy(padded[start:start + step])[None]
+        out = model.encode_step(chunk, streamer, None, levels, latents)
+        if out.codes is not None:
+            codes.append(out.codes[0])
+        if out.latents is not None:
+            lats.append(out.latents[0])
+    k = model.check_levels(levels)
+    return EncodedFile(
+        codes=torch.cat(codes, -1).numpy() if codes else np.zeros((k, 0), np.int64),
+        latents=torch.cat(lats, -1).float().numpy() if lats else None,
+        model=card.name, sample_rate=card.sample_rate, frame_rate=card.frame_rate,
+        input_sample_rate=sample_rate, num_samples=len(audio))
+
+
+def decode_codes(model: Tokenizer, enc: EncodedFile, progress: bool = False,
+                 step_frames: int = STEP_FRAMES) -> tuple[np.ndarray, int]:
+    """Codes -> audio at the original input rate, trimmed to the input's length."""
+    card = model.card
+    codes = torch.from_numpy(enc.codes)[None]
+    streamer = model.decoder_streamer(1)
+    out = []
+    for start in tqdm(range(0, codes.shape[-1], step_frames), disable=not progress, unit="step",
+                      desc="decode"):
+        out.append(model.decode_step(codes[..., start:start + step_frames], streamer, None)[0])
+    audio = torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+    rate = enc.input_sample_rate or card.sample_rate
+    if rate != card.sample_rate:
+        audio = resample(audio, card.sample_rate, rate)
+    if enc.num_samples:
+        audio = audio[: enc.num_samples]
+    return audio, rate
