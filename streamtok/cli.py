@@ -21,6 +21,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamtok.server.app import install_uvloop, serve_until_signalled
+    from streamtok.server.config import ServerConfig
+
+    overrides = {
+        "host": args.host, "port": args.port, "models": args.model or None, "device": args.device,
+        "max_sessions": args.max_sessions, "auth_token": args.token, "certfile": args.certfile,
+        "keyfile": args.keyfile, "threads": args.threads,
+        "weights": dict(w.split("=", 1) for w in args.weights) if args.weights else None,
+        "allowed_origins": args.allow_origin or None,
+    }
+    if args.weights and any("=" not in w for w in args.weights):
+        if len(args.model or ["default"]) != 1:
+            raise StreamtokError("--weights without NAME= needs exactly one --model")
+        overrides["weights"] = {(args.model or ["default"])[0]: args.weights[0]}
+    cfg = ServerConfig.load(args.config, overrides=overrides)
+    uv = install_uvloop()
+    logging.getLogger("streamtok.server").info("event loop: %s", "uvloop" if uv else "asyncio")
+    asyncio.run(serve_until_signalled(cfg))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from streamtok.models.registry import get_spec, model_names
 
@@ -70,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is best on a busy machine)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sv = sub.add_parser("serve", help="run the WebSocket daemon (default model on 127.0.0.1:8765)")
+    sv.add_argument("--config", help="TOML config (default /etc/streamtok/streamtok.toml if present)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--model", action="append", help="model to serve (repeatable; default: default)")
+    sv.add_argument("--weights", action="append", help="weights file, or NAME=PATH (repeatable)")
+    sv.add_argument("--device", choices=["cpu", "cuda"])
+    sv.add_argument("--max-sessions", type=int)
+    sv.add_argument("--token", help="require this bearer token (or set STREAMTOK_AUTH_TOKEN)")
+    sv.add_argument("--allow-origin", action="append", help="allowed browser Origin (repeatable)")
+    sv.add_argument("--certfile", help="TLS certificate (PEM)")
+    sv.add_argument("--keyfile", help="TLS private key (PEM)")
+    sv.set_defaults(func=_cmd_serve)
 
     sub.add_parser("models", help="list the models this install knows and their weights").set_defaults(
         func=_cmd_models)

@@ -31,7 +31,7 @@ def main() -> None:
             m.decay = 0.8  # fit fast; the shipped file stores only the codewords
     model.train()
     with torch.no_grad():
-        for i in range(60):
+        for _ in range(60):
             model.quantizer(model.latents(x * gains[torch.randperm(8)]))
     model.eval()
     save_codec(model, WEIGHTS_DIR / "tiny.safetensors", {"purpose": "tests"})

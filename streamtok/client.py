@@ -1,0 +1,258 @@
+"""Python client for a streamtok server (async, with a blocking wrapper).
+
+Example::
+
+    async with await StreamtokClient.connect("ws://127.0.0.1:8765", sample_rate=48000) as c:
+        await c.send_audio(samples)          # float32 [n] (or raw PCM bytes), any length
+        last = await c.flush()               # every frame so far, partial frame padded
+        codes = c.codes()                    # int64 [K, frames]
+
+    codes = encode_over_websocket("ws://127.0.0.1:8765", samples, 16000)   # blocking
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from streamtok.audio.pcm import encode_pcm
+from streamtok.errors import StreamtokError
+from streamtok.server import protocol as P
+
+
+class ServerError(StreamtokError):
+    """The server sent an ``error``; ``code`` is its error code string."""
+
+    def __init__(self, code: str, message: str, fatal: bool = True) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.fatal = code, message, fatal
+
+
+@dataclass
+class ReceivedFrame:
+    """One frame of tokens as received, with when it arrived (client monotonic clock)."""
+
+    index: int
+    t: float
+    codes: tuple[int, ...] | None
+    unit: int | None
+    latent: np.ndarray | None  # float16 [D]
+    received: float
+    timing: P.Timing | None = None
+
+
+@dataclass
+class ClientStats:
+    """Latency of frames as the client sees it, from its own send and receive times."""
+
+    latencies: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+
+class StreamtokClient:
+    """One session with a streamtok server. Use :meth:`connect` to open it."""
+
+    def __init__(self, ws: ClientConnection, start: P.StartMessage) -> None:
+        self.ws = ws
+        self.start_msg = start
+        self.ready: P.ReadyMessage | None = None
+        self.frames: list[ReceivedFrame] = []
+        self.audio: list[bytes] = []  # decode sessions: PCM received
+        self.stats = ClientStats()
+        self.server_stats: dict[str, float] = {}
+        self.send_hint_ms: int | None = None
+        self.errors: list[ServerError] = []
+        self._frame_queue: asyncio.Queue[ReceivedFrame | None] = asyncio.Queue()
+        self._flushed: asyncio.Queue[int | None] = asyncio.Queue()
+        self._ready = asyncio.get_running_loop().create_future()
+        self._sent_samples = 0
+        self._send_times: list[tuple[int, float]] = []  # (model-rate sample count, send time)
+        self._reader = asyncio.create_task(self._read())
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, url: str, model: str = "default", sample_rate: int = 16000,
+                      format: str = "s16le", channels: int = 1, codes: bool | int = True,
+                      latents: bool = False, units: bool = False, token: str | None = None,
+                      mode: str = "encode", timeout: float = 30.0, **ws_kwargs) -> StreamtokClient:
+        """Open a session and wait for ``ready`` (raises :class:`ServerError` on refusal)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        ws = await connect(url, additional_headers=headers, max_size=None, compression=None,
+                           open_timeout=timeout, **ws_kwargs)
+        start = P.StartMessage(
+            model=model, sample_rate=sample_rate, format=P.AudioFormat(format), channels=channels,
+            mode=P.SessionMode(mode), outputs=P.Outputs(codes=codes, units=units, latents=latents))
+        client = cls(ws, start)
+        await ws.send(P.encode_client_message(start))
+        try:
+            client.ready = await asyncio.wait_for(asyncio.shield(client._ready), timeout)
+        except BaseException:
+            await client.close()
+            raise
+        client.send_hint_ms = client.ready.send_hint_ms
+        return client
+
+    async def __aenter__(self) -> StreamtokClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- sending -------------------------------------------------------------------------------
+    async def send_audio(self, audio: np.ndarray | bytes) -> None:
+        """Send audio: float32 samples (encoded to the session format; ``[n]`` or ``[n, ch]``)
+        or raw PCM bytes in the session format."""
+        if isinstance(audio, np.ndarray):
+            data = encode_pcm(audio.reshape(-1).astype(np.float32), self.start_msg.format.value)
+            n = audio.shape[0]
+        else:
+            data = bytes(audio)
+            n = len(data) // (self.start_msg.format.sample_width * self.start_msg.channels)
+        self._sent_samples += n
+        self._send_times.append((self._sent_samples, time.monotonic()))
+        await self.ws.send(P.encode_client_message(P.AudioMessage(data=data)))
+
+    async def send_codes(self, frames: np.ndarray | list[list[int]]) -> None:
+        """Decode sessions: send frames of codes (``[T, K]``)."""
+        rows = tuple(tuple(int(c) for c in f) for f in np.asarray(frames).tolist())
+        await self.ws.send(P.encode_client_message(P.CodesMessage(frames=rows)))
+
+    async def flush(self, timeout: float = 60.0) -> int | None:
+        """Ask for every frame so far; return ``last_frame`` once all have arrived."""
+        await self.ws.send(P.encode_client_message(P.FlushMessage()))
+        return await self._wait_flushed(timeout)
+
+    async def end(self, timeout: float = 60.0) -> int | None:
+        """Flush, then let the server close the connection normally."""
+        await self.ws.send(P.encode_client_message(P.EndMessage()))
+        last = await self._wait_flushed(timeout)
+        await asyncio.wait_for(self.ws.wait_closed(), timeout)
+        return last
+
+    async def ping(self) -> float:
+        """Round trip time of a protocol ping, in seconds."""
+        t = time.monotonic()
+        await self.ws.send(P.encode_client_message(P.PingMessage(t=t)))
+        await self.ws.ping()
+        return time.monotonic() - t
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+    async def _wait_flushed(self, timeout: float) -> int | None:
+        getter = asyncio.ensure_future(self._flushed.get())
+        done, _ = await asyncio.wait({getter, self._reader}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        self._raise_if_error()
+        raise StreamtokError("connection closed before 'flushed'" if done else "timed out waiting for 'flushed'")
+
+    def _raise_if_error(self) -> None:
+        if self.errors:
+            raise self.errors[-1]
+
+    # -- receiving -------------------------------------------------------------------------------
+    async def _read(self) -> None:
+        try:
+            async for data in self.ws:
+                now = time.monotonic()
+                try:
+                    msg = P.parse_server_message(data)
+                except P.ProtocolError as e:
+                    if e.code is P.ErrorCode.UNKNOWN_TYPE:
+                        continue  # a newer server's message type
+                    raise
+                self._dispatch(msg, now)
+        except ConnectionClosed:
+            pass
+        finally:
+            if not self._ready.done():
+                self._ready.set_exception(
+                    self.errors[-1] if self.errors else StreamtokError("connection closed before 'ready'"))
+            self._frame_queue.put_nowait(None)
+
+    def _dispatch(self, msg: P.ServerMessage, now: float) -> None:
+        if isinstance(msg, P.TokensMessage):
+            for f in msg.frames:
+                latent = np.frombuffer(f.latent, "<f2") if f.latent is not None else None
+                frame = ReceivedFrame(f.index, f.t, f.codes, f.unit, latent, now, msg.timing)
+                self.frames.append(frame)
+                self._record_latency(frame)
+                self._frame_queue.put_nowait(frame)
+        elif isinstance(msg, P.ReadyMessage):
+            if not self._ready.done():
+                self._ready.set_result(msg)
+        elif isinstance(msg, P.FlushedMessage):
+            self._flushed.put_nowait(msg.last_frame)
+        elif isinstance(msg, P.DecodedAudioMessage):
+            self.audio.append(msg.data)
+        elif isinstance(msg, P.ErrorMessage):
+            code = msg.code.value if isinstance(msg.code, P.ErrorCode) else msg.code
+            self.errors.append(ServerError(code, msg.message, msg.fatal))
+        elif isinstance(msg, P.HintMessage):
+            self.send_hint_ms = msg.send_ms
+        elif isinstance(msg, P.StatsMessage):
+            self.server_stats = dict(msg.values)
+
+    def _record_latency(self, frame: ReceivedFrame) -> None:
+        """Latency = receive time - send time of the packet that completed the frame."""
+        if self.ready is None or not self._send_times:
+            return
+        card = self.ready.model
+        need = (frame.index + 1) * card.frame_size * self.start_msg.sample_rate / card.sample_rate
+        for count, sent in self._send_times:
+            if count >= need - 1e-6:
+                self.stats.latencies.append(frame.received - sent)
+                return
+
+    async def tokens(self) -> AsyncIterator[ReceivedFrame]:
+        """Frames as they arrive, until the connection closes."""
+        while True:
+            frame = await self._frame_queue.get()
+            if frame is None:
+                return
+            yield frame
+
+    # -- results -------------------------------------------------------------------------------
+    def codes(self) -> np.ndarray:
+        """Codes of every frame received so far, ``[K, frames]`` int64, in frame order."""
+        frames = sorted(self.frames, key=lambda f: f.index)
+        if not frames or frames[0].codes is None:
+            return np.zeros((0, len(frames)), np.int64)
+        return np.array([f.codes for f in frames], np.int64).T
+
+    def latents(self) -> np.ndarray:
+        """``[D, frames]`` float32."""
+        frames = sorted(self.frames, key=lambda f: f.index)
+        return np.stack([f.latent.astype(np.float32) for f in frames], 1)
+
+
+async def stream_array(url: str, audio: np.ndarray, sample_rate: int, packet_samples: int = 320,
+                       realtime: bool = False, **kwargs) -> StreamtokClient:
+    """Stream ``audio`` (float32 ``[n]``) in packets, then ``end``; return the finished client."""
+    client = await StreamtokClient.connect(url, sample_rate=sample_rate, **kwargs)
+    t0 = time.monotonic()
+    for start in range(0, len(audio), packet_samples):
+        await client.send_audio(audio[start:start + packet_samples])
+        if realtime:
+            ahead = t0 + (start + packet_samples) / sample_rate - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    await client.end()
+    return client
+
+
+def encode_over_websocket(url: str, audio: np.ndarray, sample_rate: int, **kwargs) -> np.ndarray:
+    """Blocking: tokenize ``audio`` on a server; return codes ``[K, frames]``."""
+    return asyncio.run(stream_array(url, audio, sample_rate, **kwargs)).codes()

@@ -1,0 +1,366 @@
+"""The batched inference engine: one loop per model and device steps every session with a frame
+ready together, as one batch of slots.
+
+Event-driven: the loop sleeps on an ``asyncio.Event`` until audio (or codes) arrive, so idle
+sessions cost nothing. The model step runs on a single worker thread, off the event loop, so
+socket I/O never waits on inference. All session bookkeeping (ring buffers, counters) happens
+on the event-loop thread; the worker only sees tensors.
+
+The engine knows no sockets and no wire format: output goes to each session's
+:class:`~streamtok.engine.session.SessionSink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamtok.audio.pcm import SampleFormat
+from streamtok.engine.session import (
+    DecoderSession,
+    EncodeOptions,
+    EncoderSession,
+    FrameResults,
+    SessionSink,
+)
+from streamtok.errors import StreamtokError
+from streamtok.models.base import Tokenizer
+
+log = logging.getLogger("streamtok.engine")
+
+
+class CapacityError(StreamtokError):
+    """No free slot: the engine already serves ``max_sessions`` sessions."""
+
+
+def plan_steps(ready: list[tuple[int, int]], max_frames: int) -> list[tuple[int, list[int]]]:
+    """Group sessions into batched steps.
+
+    ``ready`` holds ``(key, frames available)``; each session steps ``n`` frames where ``n`` is
+    the largest power of two ``<= min(available, max_frames)``, and sessions with the same ``n``
+    share one step. Live sessions (1 frame ready) thus step together every frame, while a
+    session with a backlog catches up in bigger steps without holding the others back.
+
+    >>> plan_steps([(1, 1), (2, 5), (3, 1), (4, 40)], max_frames=16)
+    [(1, [1, 3]), (4, [2]), (16, [4])]
+    """
+    groups: dict[int, list[int]] = {}
+    for key, avail in ready:
+        if avail < 1:
+            continue
+        n = 1 << (min(avail, max_frames).bit_length() - 1)
+        groups.setdefault(n, []).append(key)
+    return sorted(groups.items())
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exports (monotonic, since start)."""
+
+    steps: int = 0
+    frames: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # recent step durations (bounded)
+    batch_sizes: list[int] = field(default_factory=list)
+    errors: int = 0
+
+    def record(self, seconds: float, batch: int, frames: int) -> None:
+        self.steps += 1
+        self.frames += frames
+        self.step_seconds.append(seconds)
+        self.batch_sizes.append(batch)
+        if len(self.step_seconds) > 4096:
+            del self.step_seconds[:2048]
+            del self.batch_sizes[:2048]
+
+
+class ModelEngine:
+    """Serves one :class:`Tokenizer` on one device to up to ``max_sessions`` concurrent sessions
+    of each kind (encode, decode)."""
+
+    def __init__(self, model: Tokenizer, max_sessions: int = 64, max_frames_per_step: int = 16,
+                 device: str = "cpu", threads: int | None = None,
+                 buffer_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model
+        self.card = model.card
+        self.name = model.card.name
+        self.max_sessions = max_sessions
+        self.max_frames_per_step = max_frames_per_step
+        self.device = torch.device(device)
+        self.threads = threads
+        self.buffer_seconds = buffer_seconds
+        self.clock = clock
+        self.encoders: dict[int, EncoderSession] = {}
+        self.decoders: dict[int, DecoderSession] = {}
+        self._free_enc = list(range(max_sessions - 1, -1, -1))
+        self._free_dec = list(range(max_sessions - 1, -1, -1))
+        self._enc_streamer = model.encoder_streamer(max_sessions)
+        self._dec_streamer = model.decoder_streamer(max_sessions) if model.card.can_decode else None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.name}")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._running = False
+        self._ids = itertools.count()
+        self._buf = np.zeros(max_frames_per_step * self.card.frame_size * max_sessions, np.float32)
+        self.stats = EngineStats()
+        self.last_heartbeat = clock()
+        self.warm = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Warm the model (first steps allocate and pick kernels), then start the loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._warm_up)
+        self.warm = True
+        self._running = True
+        self._task = asyncio.create_task(self._run(), name=f"engine-{self.name}")
+
+    def _warm_up(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            streamer = self.model.encoder_streamer(1)
+            audio = torch.zeros(1, self.card.frame_size, device=self.device)
+            for _ in range(3):
+                out = self.model.encode_step(audio, streamer, None, None, True)
+            if self.card.can_decode and out.codes is not None:
+                dec = self.model.decoder_streamer(1)
+                self.model.decode_step(out.codes, dec, None)
+
+    async def stop(self) -> None:
+        self._running = False
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def session_count(self) -> int:
+        return len(self.encoders) + len(self.decoders)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_encoder(self, input_rate: int, fmt: SampleFormat | str, channels: int,
+                     options: EncodeOptions, sink: SessionSink) -> EncoderSession:
+        if not self._free_enc:
+            raise CapacityError(f"model {self.name!r} already serves {self.max_sessions} sessions")
+        if options.levels:
+            self.model.check_levels(options.levels)
+        slot = self._free_enc.pop()
+        self._enc_streamer.reset(torch.tensor([slot]))
+        sid = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        session = EncoderSession(sid, slot, self.card.frame_size, self.card.sample_rate, input_rate,
+                                 fmt, channels, options, sink, self.buffer_seconds)
+        self.encoders[slot] = session
+        log.debug("session %s: encode on %s slot %d", sid, self.name, slot)
+        return session
+
+    def open_decoder(self, levels: int, output_rate: int, fmt: SampleFormat | str,
+                     sink: SessionSink) -> DecoderSession:
+        if self._dec_streamer is None:
+            raise StreamtokError(f"model {self.name!r} cannot decode")
+        if not self._free_dec:
+            raise CapacityError(f"model {self.name!r} already serves {self.max_sessions} decode sessions")
+        self.model.check_levels(levels)
+        slot = self._free_dec.pop()
+        self._dec_streamer.reset(torch.tensor([slot]))
+        sid = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        session = DecoderSession(sid, slot, levels, self.card.sample_rate, output_rate, fmt, sink)
+        self.decoders[slot] = session
+        return session
+
+    def push_audio(self, session: EncoderSession, data: bytes) -> None:
+        """Feed client PCM (any length). Raises AudioFormatError / BufferOverflowError."""
+        if session.push(data, self.clock()):
+            self._wake.set()
+
+    def push_codes(self, session: DecoderSession, frames: list[list[int]]) -> None:
+        cardinality = min(lvl.cardinality for lvl in self.card.levels[: session.levels])
+        if session.push(frames, cardinality):
+            self._wake.set()
+
+    def flush(self, session: EncoderSession | DecoderSession) -> None:
+        """Cut the stream: emit every remaining frame (the partial one padded), then
+        ``sink.on_flushed``; the audio after it starts from a fresh model state.
+        Raises AudioFormatError when the input ends inside a sample."""
+        if isinstance(session, EncoderSession):
+            session.flush_input(self.clock())
+        else:
+            session.flush_input()
+        self._wake.set()
+
+    def close(self, session: EncoderSession | DecoderSession) -> None:
+        """Forget the session now; its slot is freed (after the step it may be in)."""
+        if session.closed:
+            return
+        session.closed = True
+        if not session.in_step:
+            self._release(session)
+
+    def _release(self, session: EncoderSession | DecoderSession) -> None:
+        if isinstance(session, EncoderSession):
+            if self.encoders.get(session.slot) is session:
+                del self.encoders[session.slot]
+                self._free_enc.append(session.slot)
+        elif self.decoders.get(session.slot) is session:
+            del self.decoders[session.slot]
+            self._free_dec.append(session.slot)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._running:
+            self.last_heartbeat = self.clock()
+            did = await self._step_once(loop)
+            if not did:
+                self._wake.clear()
+                self._check_flushed()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass  # heartbeat only: nothing runs while idle but this timer
+
+    async def _step_once(self, loop: asyncio.AbstractEventLoop) -> bool:
+        enc_ready = [(s.slot, s.frames_ready) for s in self.encoders.values() if not s.closed]
+        dec_ready = [(s.slot, s.frames_ready) for s in self.decoders.values() if not s.closed]
+        plans = [("enc", n, keys) for n, keys in plan_steps(enc_ready, self.max_frames_per_step)]
+        plans += [("dec", n, keys) for n, keys in plan_steps(dec_ready, self.max_frames_per_step)]
+        if not plans:
+            return False
+        for kind, n, keys in plans:
+            if kind == "enc":
+                await self._encode(loop, n, [self.encoders[k] for k in keys])
+            else:
+                await self._decode(loop, n, [self.decoders[k] for k in keys])
+        self._check_flushed()
+        return True
+
+    async def _encode(self, loop: asyncio.AbstractEventLoop, n: int, sessions: list[EncoderSession]) -> None:
+        fs = self.card.frame_size
+        B = len(sessions)
+        batch = self._buf[: B * n * fs].reshape(B, n * fs)
+        starts, times = [], []
+        self._reset_pending(sessions, self._enc_streamer)
+        for i, s in enumerate(sessions):
+            start, t = s.take(n, batch[i])
+            starts.append(start)
+            times.append(t)
+            s.in_step = True
+        levels = max((s.options.levels for s in sessions), default=0)
+        want_latents = any(s.options.latents for s in sessions)
+        slots = [s.slot for s in sessions]
+        try:
+            t0 = self.clock()
+            codes, latents = await loop.run_in_executor(
+                self._executor, self._encode_batch, batch, slots, levels, want_latents)
+            t1 = self.clock()
+        except Exception as e:  # a bug in a model step: fail this batch's sessions, keep serving
+            self.stats.errors += 1
+            log.exception("encode step failed for %d sessions of %s", B, self.name)
+            for s in sessions:
+                s.in_step = False
+                s.sink.on_error(e)
+                self.close(s)
+            return
+        self.stats.record(t1 - t0, B, B * n)
+        for i, s in enumerate(sessions):
+            s.in_step = False
+            if s.closed:
+                self._release(s)
+                continue
+            k = s.options.levels
+            res = FrameResults(
+                start=starts[i],
+                codes=codes[i, :k].T if (codes is not None and k) else None,
+                latents=latents[i].T if (latents is not None and s.options.latents) else None,
+                units=None, audio_complete=times[i], compute_start=t0, compute_end=t1)
+            s.frames_emitted += n
+            s.sink.on_tokens(res)
+
+    def _encode_batch(self, batch: np.ndarray, slots: list[int], levels: int,
+                      latents: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        with torch.inference_mode():
+            audio = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            idx = torch.tensor(slots, device=self.device)
+            out = self.model.encode_step(audio, self._enc_streamer, idx, levels or None, latents)
+            codes = out.codes.cpu().numpy() if (levels and out.codes is not None) else None
+            lat = out.latents.to(torch.float16).cpu().numpy() if (latents and out.latents is not None) else None
+        return codes, lat
+
+    async def _decode(self, loop: asyncio.AbstractEventLoop, n: int, sessions: list[DecoderSession]) -> None:
+        self._reset_pending(sessions, self._dec_streamer)
+        starts, codes = [], []
+        for s in sessions:
+            start, c = s.take(n)
+            starts.append(start)
+            codes.append(c)
+            s.in_step = True
+        K = max(c.shape[0] for c in codes)
+        batch = np.zeros((len(sessions), K, n), np.int64)
+        for i, c in enumerate(codes):
+            batch[i, : c.shape[0]] = c
+        slots = [s.slot for s in sessions]
+        try:
+            t0 = self.clock()
+            audio = await loop.run_in_executor(self._executor, self._decode_batch, batch, slots,
+                                               [c.shape[0] for c in codes])
+            t1 = self.clock()
+        except Exception as e:
+            self.stats.errors += 1
+            log.exception("decode step failed for %d sessions of %s", len(sessions), self.name)
+            for s in sessions:
+                s.in_step = False
+                s.sink.on_error(e)
+                self.close(s)
+            return
+        self.stats.record(t1 - t0, len(sessions), len(sessions) * n)
+        for i, s in enumerate(sessions):
+            s.in_step = False
+            if s.closed:
+                self._release(s)
+                continue
+            s.frames_emitted += n
+            s.sink.on_audio(starts[i], s.to_pcm(audio[i]))
+
+    def _decode_batch(self, batch: np.ndarray, slots: list[int], levels: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            if len(set(levels)) == 1:
+                codes = torch.from_numpy(batch[:, : levels[0]]).to(self.device)
+                out = self.model.decode_step(codes, self._dec_streamer, torch.tensor(slots, device=self.device))
+                return out.float().cpu().numpy()
+            # sessions asking for different depths: one step per depth group
+            result = np.zeros((len(slots), batch.shape[-1] * self.card.frame_size), np.float32)
+            for k in sorted(set(levels)):
+                rows = [i for i, lv in enumerate(levels) if lv == k]
+                codes = torch.from_numpy(batch[rows, :k]).to(self.device)
+                idx = torch.tensor([slots[i] for i in rows], device=self.device)
+                result[rows] = self.model.decode_step(codes, self._dec_streamer, idx).float().cpu().numpy()
+            return result
+
+    @staticmethod
+    def _reset_pending(sessions: list, streamer) -> None:
+        """Clear the model state of sessions whose previous step ended a flushed segment."""
+        slots = [s.slot for s in sessions if s.reset_pending]
+        if slots:
+            streamer.reset(torch.tensor(slots))
+            for s in sessions:
+                s.reset_pending = False
+
+    def _check_flushed(self) -> None:
+        for s in list(self.encoders.values()):
+            if not s.closed:
+                for last in s.pop_flushed():
+                    s.sink.on_flushed(last)
+        for d in list(self.decoders.values()):
+            if not d.closed:
+                for last, tail in d.pop_flushed():
+                    if tail:
+                        d.sink.on_audio(d.frames_emitted, tail)
+                    d.sink.on_flushed(last)

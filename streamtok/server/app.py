@@ -1,0 +1,478 @@
+"""The WebSocket daemon: websockets' asyncio server on uvloop, wrapped around the pure protocol
+(:mod:`streamtok.server.protocol`) and the batched engines (:mod:`streamtok.engine`).
+
+One :class:`Connection` per client: it feeds received messages to a ``SessionProtocol``, acts on
+the events (open a session on an engine, push audio, flush, end), and sends what the engine
+delivers through a bounded queue drained by a writer task. HTTP routes share the port:
+``/healthz``, ``/readyz``, ``/metrics`` and the browser page at ``/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import http
+import logging
+import signal
+import ssl
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from streamtok import __version__
+from streamtok.engine.engine import CapacityError, ModelEngine
+from streamtok.engine.session import DecoderSession, EncodeOptions, EncoderSession, FrameResults
+from streamtok.errors import AudioFormatError, BufferOverflowError, StreamtokError
+from streamtok.models.base import Tokenizer
+from streamtok.models.registry import load_model
+from streamtok.server import protocol as P
+from streamtok.server.config import ServerConfig
+from streamtok.server.metrics import ServerMetrics
+
+log = logging.getLogger("streamtok.server")
+session_log = logging.getLogger("streamtok.session")
+
+STATIC_DIR = Path(__file__).parent / "static"
+_CLOSE = object()  # writer-queue sentinel: close the connection after what is queued
+
+
+def wire_card(card: Any, units: int | None = None) -> P.ModelCard:
+    """The protocol's model card for a :class:`~streamtok.models.base.ModelCard`."""
+    return P.ModelCard(
+        name=card.name, sample_rate=card.sample_rate, frame_size=card.frame_size,
+        frame_rate=card.frame_rate,
+        levels=tuple(P.LevelInfo(i, lv.cardinality, P.LevelKind(lv.kind)) for i, lv in enumerate(card.levels)),
+        semantic_level=card.semantic_level, latent_dim=card.latent_dim, units=units,
+        delay_frames=round(card.delay_samples / card.frame_size), delay_ms=card.delay_ms)
+
+
+class Connection:
+    """One client connection: protocol state machine in, engine calls out, bounded send queue."""
+
+    def __init__(self, server: StreamtokServer, ws: ServerConnection) -> None:
+        self.server, self.ws, self.cfg = server, ws, server.cfg
+        self.proto = P.SessionProtocol(max_size=self.cfg.max_message_bytes, catalog=server.catalog)
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.send_queue_messages)
+        self.engine: ModelEngine | None = None
+        self.session: EncoderSession | DecoderSession | None = None
+        self.model_name = ""
+        self.sid = "-"
+        self.ending = False  # `end` received: close once the last flushed is sent
+        self.pending_flushes = 0
+        self.latencies: deque[float] = deque(maxlen=512)
+        self.closed = asyncio.Event()
+
+    # -- sink: called by the engine on the event-loop thread ------------------------------------
+    def on_tokens(self, res: FrameResults) -> None:
+        self._enqueue(("tokens", res))
+
+    def on_audio(self, start_frame: int, pcm: bytes) -> None:
+        self._enqueue(("audio", start_frame, pcm))
+
+    def on_flushed(self, last_frame: int | None) -> None:
+        self.pending_flushes -= 1
+        self._enqueue(("flushed", last_frame))
+        if self.ending and self.pending_flushes <= 0:
+            self._enqueue(_CLOSE)
+
+    def on_error(self, error: Exception) -> None:
+        self.fail(P.ErrorCode.INTERNAL, f"model step failed: {error}")
+
+    # -- outgoing ------------------------------------------------------------------------------
+    def _enqueue(self, item: Any) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        """Written policy: a client that does not read its tokens while its send queue holds
+        ``send_queue_messages`` messages is closed with ``slow_consumer`` (1008); queued
+        messages are dropped. Its slot is freed; other sessions are unaffected."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.fail(P.ErrorCode.SLOW_CONSUMER,
+                  f"client did not read {self.cfg.send_queue_messages} queued messages")
+
+    def send_message(self, msg: Any) -> None:
+        self._enqueue(("msg", msg))
+
+    def fail(self, code: P.ErrorCode, message: str) -> None:
+        """Send a fatal ``error`` and close with its close code; stop the session now."""
+        if self.closed.is_set():
+            return
+        self.server.metrics.errors.inc(code=code.value)
+        session_log.info("session %s: %s: %s", self.sid, code.value, message)
+        self._stop_session()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(("msg", P.ErrorMessage(code, message, True)))
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(("close", code.close_code, code.value))
+        self.closed.set()
+
+    def warn(self, code: P.ErrorCode, message: str) -> None:
+        self.server.metrics.errors.inc(code=code.value)
+        self.send_message(P.ErrorMessage(code, message, False))
+
+    async def writer(self) -> None:
+        """Drain the queue to the socket; encode ``tokens`` at send time (``sent`` timing)."""
+        clock = self.server.clock
+        metrics = self.server.metrics
+        while True:
+            item = await self.queue.get()
+            if item is _CLOSE:
+                await self.ws.close(P.CloseCode.NORMAL, "end")
+                return
+            kind = item[0]
+            if kind == "close":
+                await self.ws.close(int(item[1]), item[2])
+                return
+            if kind == "tokens":
+                res: FrameResults = item[1]
+                sent = clock()
+                data = self._encode_tokens(res, sent)
+                for t in res.audio_complete:
+                    lat = sent - t
+                    self.latencies.append(lat)
+                    metrics.latency.observe(lat, model=self.model_name)
+                metrics.frames.inc(res.count, model=self.model_name)
+            elif kind == "audio":
+                data = P.encode_server_message(P.DecodedAudioMessage(
+                    data=item[2], index=item[1], sample_rate=self.session.resampler.out_rate))
+            elif kind == "flushed":
+                data = P.encode_server_message(P.FlushedMessage(last_frame=item[1]))
+            else:
+                data = P.encode_server_message(item[1])
+            await self.ws.send(data)
+
+    def _encode_tokens(self, res: FrameResults, sent: float) -> bytes:
+        timing = P.Timing(audio_complete=res.audio_complete[-1], compute_start=res.compute_start,
+                          compute_end=res.compute_end, sent=sent)
+        codes = res.codes.tolist() if res.codes is not None else None
+        latents = ([row.astype("<f2").tobytes() for row in res.latents]
+                   if res.latents is not None else None)
+        units = res.units.tolist() if res.units is not None else None
+        return P.encode_tokens(res.start, codes, units, latents, timing,
+                               frame_rate=self.engine.card.frame_rate)
+
+    # -- incoming ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.writer())
+        try:
+            refusal = self.server.check_request(self.ws.request)
+            if refusal is not None:
+                self.fail(*refusal)
+            else:
+                await self._read_loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._stop_session()
+            if not writer.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.shutdown_timeout_s)
+                except (TimeoutError, ConnectionClosed):
+                    writer.cancel()
+                except Exception:
+                    writer.cancel()
+            self.server.connections.discard(self)
+
+    async def _read_loop(self) -> None:
+        while not self.closed.is_set():
+            try:
+                data = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
+            except TimeoutError:
+                self.fail(P.ErrorCode.IDLE_TIMEOUT, f"no message for {self.cfg.idle_timeout_s:g} s")
+                return
+            for event in self.proto.receive(data):
+                self._handle(event)
+
+    def _handle(self, ev: Any) -> None:
+        if isinstance(ev, P.AudioReceived):
+            self._audio(ev.data)
+        elif isinstance(ev, P.StartRequested):
+            self._start(ev.message)
+        elif isinstance(ev, P.CodesReceived):
+            try:
+                self.engine.push_codes(self.session, ev.frames)
+            except AudioFormatError as e:
+                self.fail(P.ErrorCode.BAD_FIELD, str(e))
+        elif isinstance(ev, P.FlushRequested):
+            self._flush()
+        elif isinstance(ev, P.EndRequested):
+            self.ending = True
+            self._flush()
+        elif isinstance(ev, P.PingReceived):
+            self.send_message(P.PongMessage(t=ev.t, server_t=self.server.clock()))
+        elif isinstance(ev, P.AckReceived):
+            pass  # acknowledgements matter for resume, which keeps no state yet
+        elif isinstance(ev, P.ProtocolViolation):
+            if ev.fatal:
+                self.fail(ev.code, ev.message)
+            else:
+                self.warn(ev.code, ev.message)
+
+    def _start(self, msg: P.StartMessage) -> None:
+        if self.server.stopping:
+            self.fail(P.ErrorCode.OVERLOADED, "server is shutting down")
+            return
+        if self.server.stalled():
+            self.fail(P.ErrorCode.OVERLOADED, "the engine is not keeping up; try again later")
+            return
+        engine = self.server.engines[msg.model]
+        limits = self.server.catalog[msg.model]
+        try:
+            if msg.mode is P.SessionMode.DECODE:
+                self.session = engine.open_decoder(limits.max_levels, msg.sample_rate,
+                                                   msg.format.value, self)
+                outputs = P.ResolvedOutputs(codes=limits.max_levels)
+            else:
+                outputs = P.resolve_outputs(msg.outputs, limits)
+                opts = EncodeOptions(levels=outputs.codes, latents=outputs.latents, units=outputs.units)
+                self.session = engine.open_encoder(msg.sample_rate, msg.format.value, msg.channels,
+                                                   opts, self)
+        except CapacityError as e:
+            self.fail(P.ErrorCode.TOO_MANY_SESSIONS, str(e))
+            return
+        except (StreamtokError, ValueError) as e:
+            self.fail(P.ErrorCode.BAD_FIELD, str(e))
+            return
+        self.engine, self.model_name, self.sid = engine, msg.model, self.session.id
+        self.server.metrics.sessions_total.inc(model=msg.model)
+        session_log.info("session %s: %s %s at %d Hz %s x%d", self.sid, msg.mode.value, msg.model,
+                         msg.sample_rate, msg.format.value, msg.channels)
+        self.send_message(P.ReadyMessage(
+            session=self.sid, resume_token="", model=wire_card(engine.card),
+            input_sample_rate=msg.sample_rate, send_hint_ms=self.cfg.send_hint_ms,
+            mode=msg.mode, outputs=outputs))
+
+    def _audio(self, data: bytes) -> None:
+        if self.session is None or not isinstance(self.session, EncoderSession):
+            return
+        try:
+            self.engine.push_audio(self.session, data)
+        except AudioFormatError as e:
+            self.fail(P.ErrorCode.BAD_AUDIO, str(e))
+        except BufferOverflowError as e:
+            self.fail(P.ErrorCode.OVERLOADED, f"input backlog over {self.cfg.buffer_seconds:g} s: {e}")
+
+    def _flush(self) -> None:
+        if self.session is None:
+            if self.ending:
+                self._enqueue(("flushed", None))
+                self._enqueue(_CLOSE)
+            return
+        self.pending_flushes += 1
+        try:
+            self.engine.flush(self.session)
+        except AudioFormatError as e:
+            self.fail(P.ErrorCode.BAD_AUDIO, str(e))
+
+    def _stop_session(self) -> None:
+        if self.session is not None and self.engine is not None:
+            self.engine.close(self.session)
+
+    def stats(self) -> P.StatsMessage | None:
+        if not self.latencies or not isinstance(self.session, EncoderSession):
+            return None
+        lat = np.array(self.latencies)
+        return P.StatsMessage(values={
+            "latency_p50_ms": float(np.percentile(lat, 50) * 1000),
+            "latency_p95_ms": float(np.percentile(lat, 95) * 1000),
+            "backlog_frames": float(self.session.backlog_frames),
+        })
+
+
+class StreamtokServer:
+    """The daemon: loads models, runs one engine per model, serves WebSocket and HTTP."""
+
+    def __init__(self, cfg: ServerConfig, models: dict[str, Tokenizer] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._models = models
+        self.engines: dict[str, ModelEngine] = {}
+        self.catalog: dict[str, P.ModelLimits] = {}
+        self.metrics = ServerMetrics()
+        self.connections: set[Connection] = set()
+        self.ws_server: WsServer | None = None
+        self.ready = False
+        self.stopping = False
+        self.started_at = clock()
+        self._stats_task: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        models = self._models or {}
+        for name in cfg.models:
+            if name not in models:
+                models[name] = load_model(name, cfg.weights.get(name), cfg.device)
+        for name, model in models.items():
+            engine = ModelEngine(model, cfg.max_sessions, cfg.max_frames_per_step, cfg.device,
+                                 cfg.threads, cfg.buffer_seconds, self.clock)
+            await engine.start()
+            self.engines[name] = engine
+            card = model.card
+            self.catalog[name] = P.ModelLimits(
+                cardinalities=tuple(lv.cardinality for lv in card.levels), units=False,
+                latents=card.latent_dim is not None, decode=card.can_decode)
+            log.info("model %s ready: %d Hz, frame %d (%.1f ms), %d levels", name, card.sample_rate,
+                     card.frame_size, 1000 * card.frame_size / card.sample_rate, len(card.levels))
+        ssl_ctx = None
+        if cfg.certfile:
+            ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ssl_ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+        self.ws_server = await serve(
+            self._handler, cfg.host, cfg.port, process_request=self._http,
+            max_size=cfg.max_message_bytes + 64 * 1024, max_queue=64, compression=None,
+            ssl=ssl_ctx, server_header=f"streamtok/{__version__}", ping_interval=20, ping_timeout=20)
+        self.ready = True
+        self._stats_task = asyncio.create_task(self._stats_loop())
+        scheme = "wss" if ssl_ctx else "ws"
+        log.info("streamtok %s listening on %s://%s:%d (models: %s)", __version__, scheme,
+                 cfg.host, self.port, ", ".join(self.engines))
+
+    @property
+    def port(self) -> int:
+        assert self.ws_server is not None
+        return self.ws_server.sockets[0].getsockname()[1]
+
+    async def shutdown(self) -> None:
+        """Graceful: stop accepting, flush every session, close 1001, bounded by a timeout."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.ready = False
+        t0 = self.clock()
+        log.info("shutdown: stop accepting; %d connections open", len(self.connections))
+        if self.ws_server is not None:
+            self.ws_server.close(close_connections=False)
+        for conn in list(self.connections):
+            if conn.session is not None and not conn.closed.is_set():
+                conn.ending = True
+                conn._flush()
+        deadline = t0 + self.cfg.shutdown_timeout_s
+        while self.connections and self.clock() < deadline:
+            await asyncio.sleep(0.02)
+            for conn in list(self.connections):
+                if conn.session is None and not conn.closed.is_set():
+                    conn.queue.put_nowait(("close", P.CloseCode.GOING_AWAY, "server shutdown"))
+                    conn.closed.set()
+        stragglers = len(self.connections)
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(P.CloseCode.GOING_AWAY, "server shutdown")
+        if self._stats_task:
+            self._stats_task.cancel()
+        for engine in self.engines.values():
+            await engine.stop()
+        if self.ws_server is not None:
+            self.ws_server.close()
+            await self.ws_server.wait_closed()
+        log.info("shutdown done in %.2f s (%d connections forced closed)", self.clock() - t0, stragglers)
+
+    def stalled(self) -> bool:
+        """An engine loop that has not come round for 10 s is stuck."""
+        now = self.clock()
+        return any(now - e.last_heartbeat > 10.0 for e in self.engines.values())
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval_s)
+            for conn in list(self.connections):
+                msg = conn.stats()
+                if msg is not None and not conn.closed.is_set():
+                    conn.send_message(msg)
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = Connection(self, ws)
+        self.connections.add(conn)
+        await conn.run()
+
+    def check_request(self, request: Request | None) -> tuple[P.ErrorCode, str] | None:
+        """Token and Origin checks for a WebSocket; the refusal is sent as a protocol error."""
+        if request is None:
+            return None
+        if self.cfg.allowed_origins:
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in self.cfg.allowed_origins:
+                return P.ErrorCode.FORBIDDEN_ORIGIN, f"origin {origin!r} is not allowed"
+        if self.cfg.auth_token and not self._authorized(request.path, request.headers):
+            return P.ErrorCode.UNAUTHORIZED, "missing or wrong bearer token"
+        return None
+
+    def _authorized(self, path: str, headers: Headers) -> bool:
+        given = ""
+        auth = headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        else:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+            given = (query.get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), (self.cfg.auth_token or "").encode())
+
+    def _http(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urllib.parse.urlsplit(request.path).path
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if path == "/healthz":
+            return conn.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ok = self.ready and not self.stalled()
+            return conn.respond(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "ready\n" if ok else "not ready\n")
+        if path == "/metrics":
+            resp = conn.respond(http.HTTPStatus.OK, self.render_metrics())
+            resp.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return resp
+        return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def render_metrics(self) -> str:
+        sessions = {name: e.session_count for name, e in self.engines.items()}
+        extra = ["# HELP streamtok_engine_steps_total Model steps run",
+                 "# TYPE streamtok_engine_steps_total counter"]
+        extra += [f'streamtok_engine_steps_total{{model="{n}"}} {e.stats.steps}' for n, e in self.engines.items()]
+        extra += ["# HELP streamtok_engine_frames_per_step Largest frames per step allowed",
+                  "# TYPE streamtok_engine_frames_per_step gauge"]
+        extra += [f'streamtok_engine_frames_per_step{{model="{n}"}} {e.max_frames_per_step}'
+                  for n, e in self.engines.items()]
+        extra += ["# HELP streamtok_up 1 while the server is ready", "# TYPE streamtok_up gauge",
+                  f"streamtok_up {int(self.ready)}"]
+        return self.metrics.render(sessions, extra)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed (not on Windows); return whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve_until_signalled(cfg: ServerConfig, models: dict[str, Tokenizer] | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT, then shut down gracefully."""
+    server = StreamtokServer(cfg, models)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)  # the handler only sets a flag
+    await stop.wait()
+    log.info("signal received: shutting down")
+    await server.shutdown()
