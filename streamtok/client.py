@@ -72,6 +72,7 @@ class StreamtokClient:
         self.errors: list[ServerError] = []
         self._frame_queue: asyncio.Queue[ReceivedFrame | None] = asyncio.Queue()
         self._flushed: asyncio.Queue[int | None] = asyncio.Queue()
+        self._pongs: asyncio.Queue[float] = asyncio.Queue()
         self._ready = asyncio.get_running_loop().create_future()
         self._sent_samples = 0
         self._send_times: list[tuple[int, float]] = []  # (model-rate sample count, send time)
@@ -137,11 +138,18 @@ class StreamtokClient:
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
         return last
 
-    async def ping(self) -> float:
-        """Round trip time of a protocol ping, in seconds."""
+    async def ping(self, timeout: float = 30.0) -> float:
+        """Round trip of a protocol ``ping``, in seconds. The server answers messages in order,
+        so once it returns, everything sent before it has been received and parsed."""
         t = time.monotonic()
         await self.ws.send(P.encode_client_message(P.PingMessage(t=t)))
-        await self.ws.ping()
+        getter = asyncio.ensure_future(self._pongs.get())
+        done, _ = await asyncio.wait({getter, self._reader}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            self._raise_if_error()
+            raise StreamtokError("no 'pong' from the server")
         return time.monotonic() - t
 
     async def close(self) -> None:
@@ -200,6 +208,8 @@ class StreamtokClient:
         elif isinstance(msg, P.ErrorMessage):
             code = msg.code.value if isinstance(msg.code, P.ErrorCode) else msg.code
             self.errors.append(ServerError(code, msg.message, msg.fatal))
+        elif isinstance(msg, P.PongMessage):
+            self._pongs.put_nowait(msg.t)
         elif isinstance(msg, P.HintMessage):
             self.send_hint_ms = msg.send_ms
         elif isinstance(msg, P.StatsMessage):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from streamtok.errors import ModelError, StreamingError
 from streamtok.models.base import EncodeResult, Level, ModelCard, Tokenizer
-from streamtok.models.quantization import QuantizedResult, ResidualVQ, SplitResidualVQ
+from streamtok.models.quantization import Metric, QuantizedResult, ResidualVQ, SplitResidualVQ
 from streamtok.models.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
 from streamtok.streaming import (
     Slots,
@@ -48,6 +48,7 @@ class QuantizerConfig:
     codebook_dim: int = 128
     semantic_levels: int = 0  # > 0: Mimi-style split RVQ with that many semantic levels
     decay: float = 0.99
+    metric: Metric = "l2"  # distance rounding of the reference a port must match (see Metric)
 
 
 @dataclass
@@ -116,14 +117,18 @@ class CausalCodec(nn.Module, Tokenizer):
         q = cfg.quantizer
         if q.semantic_levels:
             self.quantizer: nn.Module = SplitResidualVQ(dim, q.codebook_dim, q.levels, q.codebook_size,
-                                                        q.semantic_levels, q.decay)
+                                                        q.semantic_levels, q.decay, q.metric)
         else:
-            self.quantizer = ResidualVQ(dim, q.codebook_dim, q.levels, q.codebook_size, q.decay)
+            self.quantizer = ResidualVQ(dim, q.codebook_dim, q.levels, q.codebook_size, q.decay,
+                                        q.metric)
         kinds = ["semantic" if i < q.semantic_levels else "acoustic" for i in range(q.levels)]
         self.card = ModelCard(
             name=cfg.name, sample_rate=cfg.sample_rate, frame_size=cfg.frame_size,
             levels=tuple(Level(q.codebook_size, k) for k in kinds),  # type: ignore[arg-type]
-            latent_dim=dim, delay_samples=cfg.frame_size, description=cfg.description)
+            latent_dim=dim, delay_samples=cfg.frame_size, description=cfg.description,
+            extra={"first_step_frames": max(
+                first_step_frames(self._encoder_side(), cfg.frame_size),
+                first_step_frames(self._decoder_side(), 1))})
 
     # -- building blocks, used by training and by streaming ----------------------------------
     def _encoder_side(self) -> list[nn.Module]:
@@ -176,6 +181,25 @@ class CausalCodec(nn.Module, Tokenizer):
         z = self.quantizer.decode(codes)
         with streamer.stepping(slots):
             return self.synthesize(z)
+
+
+def first_step_frames(side: list[nn.Module], per_frame: float) -> int:
+    """Frames a stream's first step must hold so every reflect-padded conv of ``side`` can mirror.
+
+    A reflect-padded causal conv pads the stream start with the ``context`` samples *after* the
+    first one, so its first step needs more than ``context`` samples: look-ahead at the stream
+    start only. ``per_frame`` is the side's input samples per frame. EnCodec 24 kHz: its last
+    encoder conv (kernel 7, at the 75 Hz frame rate) needs 7 frames; constant padding needs 1.
+    """
+    need = 1
+    for m in nn.ModuleList(side).modules():
+        if isinstance(m, StreamingConv1d):
+            if m.pad_mode == "reflect" and m.context:
+                need = max(need, int(m.context // per_frame) + 1)
+            per_frame /= m.stride
+        elif isinstance(m, StreamingConvTranspose1d):
+            per_frame *= m.stride
+    return need
 
 
 def count_parameters(module: nn.Module) -> int:

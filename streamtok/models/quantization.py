@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+Metric = Literal["l2", "expanded", "cdist"]
+"""How a codebook computes nearest-codeword distances. All are Euclidean; they differ in float32
+rounding, so a port picks its reference's to make the same choice at near-ties:
+``"l2"``: ``|c|^2 - 2 x.c`` (streamtok's own); ``"expanded"``: ``|x|^2 - 2 x.c + |c|^2`` in that
+order (EnCodec's ``EuclideanCodebook.quantize``); ``"cdist"``: ``torch.cdist`` (moshi's Mimi)."""
 
 
 class EMACodebook(nn.Module):
@@ -17,9 +24,12 @@ class EMACodebook(nn.Module):
     """
 
     def __init__(self, dim: int, size: int, decay: float = 0.99, epsilon: float = 1e-5,
-                 dead_ratio: float = 0.05) -> None:
+                 dead_ratio: float = 0.05, metric: Metric = "l2") -> None:
         super().__init__()
+        if metric not in ("l2", "expanded", "cdist"):
+            raise ValueError(f"unknown codebook metric {metric!r}")
         self.dim, self.size, self.decay, self.epsilon, self.dead_ratio = dim, size, decay, epsilon, dead_ratio
+        self.metric = metric
         self.register_buffer("embedding_sum", torch.randn(size, dim) * 0.01)
         self.register_buffer("cluster_usage", torch.ones(size))
         self.register_buffer("initialized", torch.tensor(False))
@@ -32,7 +42,20 @@ class EMACodebook(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """``[N, dim]`` -> ``[N]`` int64 index of the nearest codeword (Euclidean)."""
         emb = self.embedding
-        dist = (x * x).sum(-1, keepdim=True) - 2 * x @ emb.t() + (emb * emb).sum(-1)[None]
+        if self.metric != "l2":
+            # As the references do: rows flattened to a contiguous [N, dim] first, since the
+            # reduction order of |x|^2 (and so its rounding) depends on the memory layout.
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            if self.metric == "cdist":
+                idx = torch.cdist(flat[None], emb[None], p=2.0)[0].argmin(-1)
+            else:
+                e = emb.t()
+                idx = (-(flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e
+                         + e.pow(2).sum(0, keepdim=True))).max(dim=-1).indices
+            return idx.view(x.shape[:-1])
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, and leaving it out
+        # avoids cancelling a large term against small differences in float32.
+        dist = (emb * emb).sum(-1) - 2 * x @ emb.t()
         return dist.argmin(-1)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -77,13 +100,14 @@ class ResidualVQ(nn.Module):
     """
 
     def __init__(self, dim: int, codebook_dim: int, levels: int, codebook_size: int,
-                 decay: float = 0.99) -> None:
+                 decay: float = 0.99, metric: Metric = "l2") -> None:
         super().__init__()
         self.levels, self.codebook_size = levels, codebook_size
         proj = codebook_dim != dim
         self.input_proj = nn.Conv1d(dim, codebook_dim, 1, bias=False) if proj else nn.Identity()
         self.output_proj = nn.Conv1d(codebook_dim, dim, 1, bias=False) if proj else nn.Identity()
-        self.codebooks = nn.ModuleList(EMACodebook(codebook_dim, codebook_size, decay) for _ in range(levels))
+        self.codebooks = nn.ModuleList(EMACodebook(codebook_dim, codebook_size, decay, metric=metric)
+                                       for _ in range(levels))
 
     def encode(self, x: Tensor, levels: int | None = None) -> Tensor:
         """``[B, dim, T]`` -> codes ``[B, levels, T]`` int64."""
@@ -134,11 +158,12 @@ class SplitResidualVQ(nn.Module):
     reading the same input; their outputs are summed."""
 
     def __init__(self, dim: int, codebook_dim: int, levels: int, codebook_size: int,
-                 semantic_levels: int = 1, decay: float = 0.99) -> None:
+                 semantic_levels: int = 1, decay: float = 0.99, metric: Metric = "l2") -> None:
         super().__init__()
         self.levels, self.codebook_size, self.semantic_levels = levels, codebook_size, semantic_levels
-        self.rvq_first = ResidualVQ(dim, codebook_dim, semantic_levels, codebook_size, decay)
-        self.rvq_rest = ResidualVQ(dim, codebook_dim, levels - semantic_levels, codebook_size, decay)
+        self.rvq_first = ResidualVQ(dim, codebook_dim, semantic_levels, codebook_size, decay, metric)
+        self.rvq_rest = ResidualVQ(dim, codebook_dim, levels - semantic_levels, codebook_size, decay,
+                                   metric)
 
     def encode(self, x: Tensor, levels: int | None = None) -> Tensor:
         levels = self.levels if levels is None else levels
@@ -160,3 +185,64 @@ class SplitResidualVQ(nn.Module):
         return QuantizedResult(first.quantized + rest.quantized,
                                torch.cat([first.codes, rest.codes], 1),
                                first.commit_loss + rest.commit_loss)
+
+
+@dataclass
+class CodeComparison:
+    """How two code arrays for the same latents differ: frames identical, differing only at a
+    genuine near-tie (excused), or differing for real (failing)."""
+
+    identical: int
+    excused: int
+    failing: int
+    worst_gap: float  # largest relative boundary distance among differing frames (0 if none)
+
+    @property
+    def ok(self) -> bool:
+        return self.failing == 0
+
+
+def _levels_view(quantizer: nn.Module) -> list[tuple[ResidualVQ, int]]:
+    """(rvq, level within it) for each global level, in order."""
+    if isinstance(quantizer, SplitResidualVQ):
+        first = [(quantizer.rvq_first, k) for k in range(quantizer.semantic_levels)]
+        return first + [(quantizer.rvq_rest, k) for k in range(quantizer.levels - quantizer.semantic_levels)]
+    return [(quantizer, k) for k in range(quantizer.levels)]
+
+
+@torch.no_grad()
+def compare_codes(quantizer: nn.Module, latents: Tensor, expected: Tensor, actual: Tensor,
+                  tol: float = 1e-5) -> CodeComparison:
+    """Compare ``actual`` to ``expected`` codes (``[K, T]``) of ``latents`` (``[D, T]``).
+
+    A frame whose first differing level ``k`` chose a codeword whose decision boundary with the
+    expected one lies within ``tol * |quantizer input|`` of the residual is a near-tie: float
+    rounding (different batch shapes, kernels or implementations) may flip it. Later levels of
+    that frame follow from level ``k`` and are not judged.
+    """
+    view = _levels_view(quantizer)
+    identical = excused = failing = 0
+    worst = 0.0
+    diff = (expected != actual).any(0)
+    for t in range(expected.shape[1]):
+        if not bool(diff[t]):
+            identical += 1
+            continue
+        k = int((expected[:, t] != actual[:, t]).nonzero()[0])
+        rvq, level = view[k]
+        x = rvq.input_proj(latents[None, :, t:t + 1])[0, :, 0].double()
+        residual = x.clone()
+        first = k - level  # global index of this rvq's level 0
+        for j in range(level):
+            residual = residual - rvq.codebooks[j].embedding[expected[first + j, t]].double()
+        emb = rvq.codebooks[level].embedding.double()
+        ca, cb = emb[expected[k, t]], emb[actual[k, t]]
+        # distance from the residual to the bisecting hyperplane of ca and cb (stable form)
+        direction = (cb - ca) / (cb - ca).norm().clamp_min(1e-300)
+        gap = float(((residual - (ca + cb) / 2) @ direction).abs() / x.norm().clamp_min(1e-300))
+        worst = max(worst, gap)
+        if gap <= tol:
+            excused += 1
+        else:
+            failing += 1
+    return CodeComparison(identical, excused, failing, worst)

@@ -15,7 +15,7 @@ from pathlib import Path
 from streamtok.errors import ModelError
 from streamtok.models.base import Tokenizer
 
-_MODULES = ("streamtok.models.builtin",)
+_MODULES = ("streamtok.models.builtin", "streamtok.models.mimi", "streamtok.models.encodec")
 
 
 @dataclass(frozen=True)

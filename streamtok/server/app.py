@@ -132,7 +132,10 @@ class Connection:
         while True:
             item = await self.queue.get()
             if item is _CLOSE:
-                await self.ws.close(P.CloseCode.NORMAL, "end")
+                if self.server.stopping:
+                    await self.ws.close(P.CloseCode.GOING_AWAY, "server shutdown")
+                else:
+                    await self.ws.close(P.CloseCode.NORMAL, "end")
                 return
             kind = item[0]
             if kind == "close":

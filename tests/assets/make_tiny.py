@@ -19,6 +19,10 @@ def main() -> None:
     torch.manual_seed(1234)
     cfg = CodecConfig.from_json(WEIGHTS_DIR.parent / "configs" / "tiny.json")
     model = CausalCodec(cfg)
+    with torch.no_grad():  # no biases: latents then follow the audio instead of a constant
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
     rng = np.random.default_rng(0)
     t = np.arange(16000 * 2) / 16000
     clips = [np.sin(2 * np.pi * (100 + 400 * k) * t * (1 + t)) * 0.3 for k in range(4)]
