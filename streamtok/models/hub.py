@@ -74,10 +74,11 @@ def download_hint(candidates: Iterable[tuple[str, str]], option: str = "--weight
     """A sentence telling how to get the first candidate into the cache, or to pass a path."""
     pairs = list(candidates)
     repo, filename = pairs[0]
-    where = repo_cache_dir(repo) / "snapshots" / "<revision>" / filename
+    where = repo_cache_dir(repo, Path("<cache>")) / "snapshots" / "<revision>" / filename
     also = "; ".join(f"{r}/{f}" for r, f in pairs[1:])
-    text = (f"Get it with `huggingface-cli download {repo} {filename}` (it lands in {where}; "
-            f"set HF_HOME or HF_HUB_CACHE to use another cache), or pass {option}.")
+    text = (f"Get it with `huggingface-cli download {repo} {filename}` (it lands in {where}, "
+            "<cache> being $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), "
+            f"or pass {option}.")
     if also:
         text += f" Also accepted from the cache: {also}."
     return text
