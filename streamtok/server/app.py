@@ -39,6 +39,7 @@ from streamtok.models.registry import load_model
 from streamtok.server import protocol as P
 from streamtok.server.config import ServerConfig
 from streamtok.server.metrics import ServerMetrics
+from streamtok.server.sdnotify import SdNotifier
 
 log = logging.getLogger("streamtok.server")
 session_log = logging.getLogger("streamtok.session")
@@ -301,8 +302,11 @@ class StreamtokServer:
     """The daemon: loads models, runs one engine per model, serves WebSocket and HTTP."""
 
     def __init__(self, cfg: ServerConfig, models: dict[str, Tokenizer] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 notifier: SdNotifier | None = None) -> None:
         self.cfg = cfg
+        self.notifier = notifier or SdNotifier()
+        self._watchdog_task: asyncio.Task | None = None
         self.clock = clock
         self._models = models
         self.engines: dict[str, ModelEngine] = {}
@@ -343,6 +347,10 @@ class StreamtokServer:
             ssl=ssl_ctx, server_header=f"streamtok/{__version__}", ping_interval=20, ping_timeout=20)
         self.ready = True
         self._stats_task = asyncio.create_task(self._stats_loop())
+        self.notifier.ready(f"serving {', '.join(self.engines)} on port {self.port}")
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._watchdog_task = asyncio.create_task(self._watchdog_loop(interval))
         scheme = "wss" if ssl_ctx else "ws"
         log.info("streamtok %s listening on %s://%s:%d (models: %s)", __version__, scheme,
                  cfg.host, self.port, ", ".join(self.engines))
@@ -358,6 +366,9 @@ class StreamtokServer:
             return
         self.stopping = True
         self.ready = False
+        self.notifier.stopping()
+        if self._watchdog_task:
+            self._watchdog_task.cancel()
         t0 = self.clock()
         log.info("shutdown: stop accepting; %d connections open", len(self.connections))
         if self.ws_server is not None:
@@ -387,9 +398,17 @@ class StreamtokServer:
         log.info("shutdown done in %.2f s (%d connections forced closed)", self.clock() - t0, stragglers)
 
     def stalled(self) -> bool:
-        """An engine loop that has not come round for 10 s is stuck."""
+        """An engine loop that has not come round for ``stall_timeout_s`` is stuck."""
         now = self.clock()
-        return any(now - e.last_heartbeat > 10.0 for e in self.engines.values())
+        return any(now - e.last_heartbeat > self.cfg.stall_timeout_s for e in self.engines.values())
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """Feed systemd's watchdog only while every engine loop comes round (a stuck engine
+        stops the pings, and systemd restarts the service)."""
+        while True:
+            if not self.stalled():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _stats_loop(self) -> None:
         while True:
@@ -437,11 +456,33 @@ class StreamtokServer:
             ok = self.ready and not self.stalled()
             return conn.respond(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "ready\n" if ok else "not ready\n")
+        if path == "/" or path.startswith("/static/"):
+            return self._static(conn, "index.html" if path == "/" else path[len("/static/"):])
         if path == "/metrics":
             resp = conn.respond(http.HTTPStatus.OK, self.render_metrics())
             resp.headers["Content-Type"] = "text/plain; version=0.0.4"
             return resp
         return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+              ".css": "text/css; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml"}
+
+    def _static(self, conn: ServerConnection, name: str) -> Response:
+        """Files of the browser page; anything outside STATIC_DIR (``..``, absolute) is 404."""
+        root = STATIC_DIR.resolve()
+        try:
+            path = (root / urllib.parse.unquote(name)).resolve()
+        except (OSError, ValueError):
+            path = root
+        if root not in path.parents or not path.is_file():
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        resp = conn.respond(http.HTTPStatus.OK, "")
+        body = path.read_bytes()
+        resp = Response(resp.status_code, resp.reason_phrase, Headers(resp.headers), body)
+        resp.headers["Content-Type"] = self._TYPES.get(path.suffix, "application/octet-stream")
+        resp.headers["Content-Length"] = str(len(body))
+        resp.headers["Cache-Control"] = "no-cache"
+        return resp
 
     def render_metrics(self) -> str:
         sessions = {name: e.session_count for name, e in self.engines.items()}

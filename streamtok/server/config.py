@@ -47,6 +47,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     stats_interval_s: float = 5.0
     send_hint_ms: int = 40
+    stall_timeout_s: float = 10.0  # engine loop silent this long: /readyz fails, watchdog stops
     log_level: str = "info"
 
     @classmethod
