@@ -87,6 +87,19 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamtok.models.weights import load_codec, read_metadata, save_codec
+
+    model = load_codec(args.input)
+    meta = {k: v for k, v in read_metadata(args.input).items() if k not in ("config", "format")}
+    dtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    save_codec(model, args.output, meta | {"dtype": args.dtype}, dtype=dtype)
+    print(f"{args.input} -> {args.output} ({args.dtype})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamtok", description=__doc__)
     p.add_argument("--version", action="version", version=f"streamtok {__version__}")
@@ -132,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=_cmd_decode)
 
+    x = sub.add_parser("export", help="re-save codec weights (e.g. a training run's best) as f16 for shipping")
+    x.add_argument("input")
+    x.add_argument("output")
+    x.add_argument("--dtype", choices=["f16", "bf16", "f32"], default="f16")
+    x.set_defaults(func=_cmd_export)
+
     t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)")
     t.add_argument("--config", required=True, help="codec config JSON")
     t.add_argument("--data", required=True, help="folder with manifest.tsv")
@@ -155,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection
     if args.threads:
         import torch
 

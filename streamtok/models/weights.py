@@ -36,6 +36,7 @@ def save_codec(model: CausalCodec, path: str | Path, metadata: dict[str, str] | 
     meta |= metadata or {}
     tmp = path.with_name(path.name + ".tmp")
     save_file(codec_tensors(model, dtype), str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # shipped files must be readable by a service user
     tmp.replace(path)
 
 
