@@ -20,7 +20,6 @@ from streamtok.client import ServerError, StreamtokClient, stream_array
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.quantization import compare_codes
 from streamtok.models.registry import load_model
-from streamtok.server import protocol as P
 from streamtok.server.app import StreamtokServer
 from streamtok.server.config import ServerConfig
 from streamtok.tokenize_file import decode_codes, encode_array, read_audio
