@@ -65,7 +65,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights, args.device)
     audio, rate = read_audio(args.input)
     enc = encode_array(model, audio, rate, args.codebooks, args.latents, progress=not args.quiet)
-    enc.save(args.output)
+    enc.save(args.output, dedup=args.dedup)
     if not args.quiet:
         print(f"{args.input}: {enc.codes.shape[1]} frames x {enc.codes.shape[0]} levels "
               f"at {enc.frame_rate:g} Hz -> {args.output}")
@@ -84,6 +84,42 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     sf.write(args.output, audio, rate, subtype="PCM_16" if args.output.endswith(".wav") else None)
     if not args.quiet:
         print(f"{args.input}: {len(audio) / rate:.2f} s at {rate} Hz -> {args.output}")
+    return 0
+
+
+def _cmd_fit_kmeans(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from streamtok.models.builtin import WEIGHTS_DIR
+    from streamtok.models.registry import load_model
+    from streamtok.models.units import fit_kmeans, save_centroids
+    from streamtok.tokenize_file import encode_array
+    from streamtok.training.data import load_audio, normalize_rms, read_manifest
+
+    model = load_model(args.model, args.weights)
+    rows = read_manifest(args.data)[: args.limit]
+    feats = []
+    t0 = time.monotonic()
+    for row in tqdm(rows, desc="features", unit="clip"):
+        audio = normalize_rms(load_audio(f"{args.data}/{row['file']}", model.card.sample_rate))
+        enc = encode_array(model, audio, model.card.sample_rate, latents=True)  # streamed: causal
+        feats.append(torch.from_numpy(enc.latents.T))
+    x = torch.cat(feats)
+    centroids, inertia = fit_kmeans(x, args.k, args.iterations)
+    from streamtok.models.registry import get_spec
+    from streamtok.models.units import weights_digest
+
+    base_path = args.weights or get_spec(args.model).find_weights()
+    out = args.out or str(WEIGHTS_DIR / "units.safetensors")
+    save_centroids(out, centroids, args.model, {
+        "base_sha256": weights_digest(base_path) if base_path else "",
+        "k": str(args.k), "frames": str(len(x)), "clips": str(len(rows)), "data": str(args.data),
+        "inertia": f"{inertia:.6g}"})
+    print(f"k={args.k} over {len(x)} frames of {len(rows)} clips ({time.monotonic() - t0:.0f} s), "
+          f"mean squared distance {inertia:.4g} -> {out}")
     return 0
 
 
@@ -132,9 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="weights file (default: the model's own)")
     e.add_argument("--codebooks", type=int, default=None, help="levels to keep (default: all)")
     e.add_argument("--latents", action="store_true", help="also store pre-quantization latents")
+    e.add_argument("--dedup", action="store_true",
+                   help="unit models: also store run-length deduplicated units and durations")
     e.add_argument("--device", default="cpu")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_cmd_encode)
+
+    k = sub.add_parser("fit-kmeans", help="fit speech units: k-means over a codec's streamed encoder features")
+    k.add_argument("data", help="folder with manifest.tsv")
+    k.add_argument("--model", default="default")
+    k.add_argument("--weights")
+    k.add_argument("--k", type=int, default=500)
+    k.add_argument("--limit", type=int, default=None, help="use at most this many clips")
+    k.add_argument("--iterations", type=int, default=30)
+    k.add_argument("--out", default=None, help="default: the packaged units.safetensors")
+    k.set_defaults(func=_cmd_fit_kmeans)
 
     d = sub.add_parser("decode", help="decode an .npz of codes back to audio")
     d.add_argument("input")

@@ -34,9 +34,18 @@ class EncodedFile:
     frame_rate: float
     input_sample_rate: int
     num_samples: int
+    units: np.ndarray | None = None  # [F] int64, unit models
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, dedup: bool = False) -> None:
+        """Write the .npz; ``dedup`` also stores run-length deduplicated ``units_dedup`` and
+        ``durations`` (frames per run), the textless-NLP convention."""
         extra = {} if self.latents is None else {"latents": self.latents}
+        if self.units is not None:
+            extra["units"] = self.units
+            if dedup:
+                from streamtok.models.units import dedup_units
+
+                extra["units_dedup"], extra["durations"] = dedup_units(self.units)
         np.savez(path, codes=self.codes, model=self.model, sample_rate=self.sample_rate,
                  frame_rate=self.frame_rate, input_sample_rate=self.input_sample_rate,
                  num_samples=self.num_samples, **extra)
@@ -51,7 +60,8 @@ class EncodedFile:
                        model=str(z["model"]), sample_rate=int(z["sample_rate"]),
                        frame_rate=float(z["frame_rate"]),
                        input_sample_rate=int(z.get("input_sample_rate", z["sample_rate"])),
-                       num_samples=int(z.get("num_samples", 0)))
+                       num_samples=int(z.get("num_samples", 0)),
+                       units=z["units"] if "units" in z else None)
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -73,7 +83,7 @@ def encode_array(model: Tokenizer, audio: np.ndarray, sample_rate: int, levels: 
     padded = np.zeros(n_frames * card.frame_size, np.float32)
     padded[: len(x)] = x
     streamer = model.encoder_streamer(1)
-    codes, lats = [], []
+    codes, lats, units = [], [], []
     step = step_frames * card.frame_size
     for start in tqdm(range(0, len(padded), step), disable=not progress, unit="step", desc="encode"):
         chunk = torch.from_numpy(padded[start:start + step])[None]
@@ -82,12 +92,15 @@ def encode_array(model: Tokenizer, audio: np.ndarray, sample_rate: int, levels: 
             codes.append(out.codes[0])
         if out.latents is not None:
             lats.append(out.latents[0])
+        if out.units is not None:
+            units.append(out.units[0])
     k = model.check_levels(levels)
     return EncodedFile(
         codes=torch.cat(codes, -1).numpy() if codes else np.zeros((k, 0), np.int64),
         latents=torch.cat(lats, -1).float().numpy() if lats else None,
         model=card.name, sample_rate=card.sample_rate, frame_rate=card.frame_rate,
-        input_sample_rate=sample_rate, num_samples=len(audio))
+        input_sample_rate=sample_rate, num_samples=len(audio),
+        units=torch.cat(units).numpy() if units else None)
 
 
 def decode_codes(model: Tokenizer, enc: EncodedFile, progress: bool = False,

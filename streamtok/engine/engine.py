@@ -130,7 +130,7 @@ class ModelEngine:
             streamer = self.model.encoder_streamer(1)
             audio = torch.zeros(1, self.card.frame_size, device=self.device)
             for _ in range(3):
-                out = self.model.encode_step(audio, streamer, None, None, True)
+                out = self.model.encode_step(audio, streamer, None, None, self.card.latent_dim is not None)
             if self.card.can_decode and out.codes is not None:
                 dec = self.model.decoder_streamer(1)
                 self.model.decode_step(out.codes, dec, None)
@@ -258,7 +258,7 @@ class ModelEngine:
         slots = [s.slot for s in sessions]
         try:
             t0 = self.clock()
-            codes, latents = await loop.run_in_executor(
+            codes, latents, units = await loop.run_in_executor(
                 self._executor, self._encode_batch, batch, slots, levels, want_latents)
             t1 = self.clock()
         except Exception as e:  # a bug in a model step: fail this batch's sessions, keep serving
@@ -280,19 +280,21 @@ class ModelEngine:
                 start=starts[i],
                 codes=codes[i, :k].T if (codes is not None and k) else None,
                 latents=latents[i].T if (latents is not None and s.options.latents) else None,
-                units=None, audio_complete=times[i], compute_start=t0, compute_end=t1)
+                units=units[i] if (units is not None and s.options.units) else None,
+                audio_complete=times[i], compute_start=t0, compute_end=t1)
             s.frames_emitted += n
             s.sink.on_tokens(res)
 
     def _encode_batch(self, batch: np.ndarray, slots: list[int], levels: int,
-                      latents: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+                      latents: bool) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         with torch.inference_mode():
             audio = torch.from_numpy(batch).to(self.device, non_blocking=True)
             idx = torch.tensor(slots, device=self.device)
             out = self.model.encode_step(audio, self._enc_streamer, idx, levels or None, latents)
             codes = out.codes.cpu().numpy() if (levels and out.codes is not None) else None
             lat = out.latents.to(torch.float16).cpu().numpy() if (latents and out.latents is not None) else None
-        return codes, lat
+            units = out.units.cpu().numpy() if out.units is not None else None
+        return codes, lat, units
 
     async def _decode(self, loop: asyncio.AbstractEventLoop, n: int, sessions: list[DecoderSession]) -> None:
         self._reset_pending(sessions, self._dec_streamer)

@@ -39,6 +39,7 @@ class ModelCard:
     latent_dim: int | None = None
     delay_samples: int = 0
     can_decode: bool = True
+    units: int | None = None  # size of the unit vocabulary, for unit models
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -60,10 +61,12 @@ class ModelCard:
 
 @dataclass
 class EncodeResult:
-    """Output of an encode step: ``codes`` ``[B, K, F]`` int64 and/or ``latents`` ``[B, D, F]``."""
+    """Output of an encode step: ``codes`` ``[B, K, F]`` int64, ``latents`` ``[B, D, F]`` float,
+    ``units`` ``[B, F]`` int64; each None when not produced."""
 
     codes: Tensor | None
     latents: Tensor | None
+    units: Tensor | None = None
 
 
 class Tokenizer(abc.ABC):
@@ -111,6 +114,8 @@ class Tokenizer(abc.ABC):
         return self.decode_step(codes, self.decoder_streamer(codes.shape[0]), None)
 
     def check_levels(self, levels: int | None) -> int:
+        if self.num_levels == 0:
+            return 0
         n = self.num_levels if levels is None else levels
         if not 1 <= n <= self.num_levels:
             raise ModelError(f"model {self.card.name!r} has levels 1..{self.num_levels}, got {levels}")

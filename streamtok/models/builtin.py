@@ -34,3 +34,27 @@ register(ModelSpec(
     find_weights=lambda: _packaged("tiny"),
     weights_hint="The package ships them in streamtok/models/weights/tiny.safetensors; reinstall streamtok.",
 ))
+
+
+def _build_units(path: Path | None, device: str):
+    from streamtok.errors import ModelError
+    from streamtok.models.registry import load_model
+    from streamtok.models.units import UnitTokenizer, load_centroids, weights_digest
+
+    centroids, meta = load_centroids(path)
+    base_name = meta.get("base", "default")
+    base_path = _packaged(base_name)
+    if base_path is not None and meta.get("base_sha256") not in (None, weights_digest(base_path)):
+        raise ModelError(f"{path} was fitted on other {base_name!r} weights than the installed ones: "
+                         f"refit with `streamtok fit-kmeans --model {base_name} DIR`")
+    base = load_model(base_name, device=device)
+    return UnitTokenizer(base, centroids.to(device), name="units")
+
+
+register(ModelSpec(
+    name="units",
+    description="speech units: k-means ids over the default codec's encoder features, one per frame",
+    build=_build_units,
+    find_weights=lambda: _packaged("units"),
+    weights_hint="Fit them with `streamtok fit-kmeans --model default --k 500 DIR`.",
+))

@@ -48,13 +48,13 @@ STATIC_DIR = Path(__file__).parent / "static"
 _CLOSE = object()  # writer-queue sentinel: close the connection after what is queued
 
 
-def wire_card(card: Any, units: int | None = None) -> P.ModelCard:
+def wire_card(card: Any) -> P.ModelCard:
     """The protocol's model card for a :class:`~streamtok.models.base.ModelCard`."""
     return P.ModelCard(
         name=card.name, sample_rate=card.sample_rate, frame_size=card.frame_size,
         frame_rate=card.frame_rate,
         levels=tuple(P.LevelInfo(i, lv.cardinality, P.LevelKind(lv.kind)) for i, lv in enumerate(card.levels)),
-        semantic_level=card.semantic_level, latent_dim=card.latent_dim, units=units,
+        semantic_level=card.semantic_level, latent_dim=card.latent_dim, units=card.units,
         delay_frames=round(card.delay_samples / card.frame_size), delay_ms=card.delay_ms)
 
 
@@ -333,7 +333,7 @@ class StreamtokServer:
             self.engines[name] = engine
             card = model.card
             self.catalog[name] = P.ModelLimits(
-                cardinalities=tuple(lv.cardinality for lv in card.levels), units=False,
+                cardinalities=tuple(lv.cardinality for lv in card.levels), units=card.units is not None,
                 latents=card.latent_dim is not None, decode=card.can_decode)
             log.info("model %s ready: %d Hz, frame %d (%.1f ms), %d levels", name, card.sample_rate,
                      card.frame_size, 1000 * card.frame_size / card.sample_rate, len(card.levels))
