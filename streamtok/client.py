@@ -234,6 +234,11 @@ class StreamtokClient:
                 return
             yield frame
 
+    def hint_samples(self) -> int:
+        """Samples per packet the server currently recommends, at this session's input rate."""
+        ms = self.send_hint_ms or 40
+        return max(1, round(ms * self.start_msg.sample_rate / 1000))
+
     # -- results -------------------------------------------------------------------------------
     def codes(self) -> np.ndarray:
         """Codes of every frame received so far, ``[K, frames]`` int64, in frame order."""
@@ -248,15 +253,21 @@ class StreamtokClient:
         return np.stack([f.latent.astype(np.float32) for f in frames], 1)
 
 
-async def stream_array(url: str, audio: np.ndarray, sample_rate: int, packet_samples: int = 320,
+async def stream_array(url: str, audio: np.ndarray, sample_rate: int, packet_samples: int | None = None,
                        realtime: bool = False, **kwargs) -> StreamtokClient:
-    """Stream ``audio`` (float32 ``[n]``) in packets, then ``end``; return the finished client."""
+    """Stream ``audio`` (float32 ``[n]``) in packets, then ``end``; return the finished client.
+
+    ``packet_samples`` pins the packet size; by default it follows the server's send hint
+    (``ready.send_hint_ms``, then every ``hint`` message)."""
     client = await StreamtokClient.connect(url, sample_rate=sample_rate, **kwargs)
     t0 = time.monotonic()
-    for start in range(0, len(audio), packet_samples):
-        await client.send_audio(audio[start:start + packet_samples])
+    start = 0
+    while start < len(audio):
+        n = packet_samples or client.hint_samples()
+        await client.send_audio(audio[start:start + n])
+        start += n
         if realtime:
-            ahead = t0 + (start + packet_samples) / sample_rate - time.monotonic()
+            ahead = t0 + start / sample_rate - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)
     await client.end()

@@ -383,3 +383,31 @@ def test_http_routes():
     assert health.strip() == "ok" and ready.strip() == "ready"
     assert 'streamtok_frames_total{model="tiny"} 25' in metrics
     assert "streamtok_latency_seconds_bucket" in metrics and 'streamtok_sessions{model="tiny"}' in metrics
+
+
+def test_hint_stats_and_tuner_metrics():
+    """`ready` carries the tuner's send hint (pinned here), `stats` arrive, and /metrics exports
+    frames per step and the hint; the client follows the hint when it streams."""
+    audio = speech(1.0)
+
+    async def main():
+        async with running_server(pin_frames_per_step=2, pin_hint_ms=80, stats_interval_s=0.1) as (server, url):
+            c = await StreamtokClient.connect(url, model="tiny", format="f32le")
+            sizes = []
+            start = 0
+            while start < len(audio):
+                n = c.hint_samples()
+                sizes.append(n)
+                await c.send_audio(audio[start:start + n])
+                start += n
+                await asyncio.sleep(0.05)
+            await c.end()
+            metrics = server.render_metrics()
+            return c.ready.send_hint_ms, sizes, c.server_stats, metrics, c.codes()
+
+    hint, sizes, stats, metrics, codes = run(main())
+    assert hint == 80 and set(sizes) == {1280}
+    assert stats["frames_per_step"] == 2 and stats["latency_p95_ms"] > 0
+    assert 'streamtok_engine_frames_per_step{model="tiny"} 2' in metrics
+    assert 'streamtok_client_hint_ms{model="tiny"} 80' in metrics
+    assert_same_codes(TINY, codes, audio, 16000, "f32le")

@@ -32,6 +32,7 @@ from streamtok.engine.session import (
     FrameResults,
     SessionSink,
 )
+from streamtok.engine.tuner import ChunkTuner, Decision, TunerConfig
 from streamtok.errors import StreamtokError
 from streamtok.models.base import Tokenizer
 
@@ -88,7 +89,9 @@ class ModelEngine:
 
     def __init__(self, model: Tokenizer, max_sessions: int = 64, max_frames_per_step: int = 16,
                  device: str = "cpu", threads: int | None = None,
-                 buffer_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 buffer_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 tuner: TunerConfig | None = None,
+                 on_decision: Callable[[Decision], None] | None = None) -> None:
         self.model = model
         self.card = model.card
         self.name = model.card.name
@@ -113,6 +116,18 @@ class ModelEngine:
         self.stats = EngineStats()
         self.last_heartbeat = clock()
         self.warm = False
+        period = self.card.frame_size / self.card.sample_rate
+        self.tuner = ChunkTuner(tuner or TunerConfig(frame_period_s=period,
+                                                     max_frames_per_step=max_frames_per_step))
+        self.on_decision = on_decision
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, frames) per step
+        self.decide_every_s = 0.5
+        self._last_decision = clock()
+
+    @property
+    def frames_per_step(self) -> int:
+        """Frames a live session accumulates before it is stepped (the tuner's choice)."""
+        return self.tuner.frames_per_step
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -214,10 +229,23 @@ class ModelEngine:
             self._free_dec.append(session.slot)
 
     # -- the loop ---------------------------------------------------------------------------------
+    def _maybe_decide(self) -> None:
+        now = self.clock()
+        if now - self._last_decision < self.decide_every_s:
+            return
+        self._last_decision = now
+        decision = self.tuner.decide(len(self.encoders))
+        if decision.changed:
+            log.info("%s: %d frames per step, client hint %d ms (%s)", self.name,
+                     decision.frames_per_step, decision.hint_ms, decision.reason)
+            if self.on_decision is not None:
+                self.on_decision(decision)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._running:
             self.last_heartbeat = self.clock()
+            self._maybe_decide()
             did = await self._step_once(loop)
             if not did:
                 self._wake.clear()
@@ -228,7 +256,10 @@ class ModelEngine:
                     pass  # heartbeat only: nothing runs while idle but this timer
 
     async def _step_once(self, loop: asyncio.AbstractEventLoop) -> bool:
-        enc_ready = [(s.slot, s.frames_ready) for s in self.encoders.values() if not s.closed]
+        k = self.tuner.frames_per_step
+        # A live session waits until it has k frames; one cut by a flush steps what it has.
+        enc_ready = [(s.slot, s.frames_ready) for s in self.encoders.values()
+                     if not s.closed and (s.frames_ready >= k or s.boundaries)]
         dec_ready = [(s.slot, s.frames_ready) for s in self.decoders.values() if not s.closed]
         plans = [("enc", n, keys) for n, keys in plan_steps(enc_ready, self.max_frames_per_step)]
         plans += [("dec", n, keys) for n, keys in plan_steps(dec_ready, self.max_frames_per_step)]
@@ -269,7 +300,7 @@ class ModelEngine:
                 s.sink.on_error(e)
                 self.close(s)
             return
-        self.stats.record(t1 - t0, B, B * n)
+        self._observe(t1 - t0, B, B * n)
         for i, s in enumerate(sessions):
             s.in_step = False
             if s.closed:
@@ -322,7 +353,7 @@ class ModelEngine:
                 s.sink.on_error(e)
                 self.close(s)
             return
-        self.stats.record(t1 - t0, len(sessions), len(sessions) * n)
+        self._observe(t1 - t0, len(sessions), len(sessions) * n, tune=False)
         for i, s in enumerate(sessions):
             s.in_step = False
             if s.closed:
@@ -330,6 +361,13 @@ class ModelEngine:
                 continue
             s.frames_emitted += n
             s.sink.on_audio(starts[i], s.to_pcm(audio[i]))
+
+    def _observe(self, seconds: float, batch: int, frames: int, tune: bool = True) -> None:
+        self.stats.record(seconds, batch, frames)
+        if tune:
+            self.tuner.observe_step(frames, seconds)
+        if self.on_step is not None:
+            self.on_step(seconds, frames)
 
     def _decode_batch(self, batch: np.ndarray, slots: list[int], levels: list[int]) -> np.ndarray:
         with torch.inference_mode():

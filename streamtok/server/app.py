@@ -33,6 +33,7 @@ from websockets.http11 import Request, Response
 from streamtok import __version__
 from streamtok.engine.engine import CapacityError, ModelEngine
 from streamtok.engine.session import DecoderSession, EncodeOptions, EncoderSession, FrameResults
+from streamtok.engine.tuner import Decision, TunerConfig
 from streamtok.errors import AudioFormatError, BufferOverflowError, StreamtokError
 from streamtok.models.base import Tokenizer
 from streamtok.models.registry import load_model
@@ -71,7 +72,9 @@ class Connection:
         self.sid = "-"
         self.ending = False  # `end` received: close once the last flushed is sent
         self.pending_flushes = 0
-        self.latencies: deque[float] = deque(maxlen=512)
+        self.latencies: deque[float] = deque(maxlen=512)  # audio complete -> sent, per frame
+        self.queueing: deque[float] = deque(maxlen=512)  # audio complete -> compute start
+        self.compute: deque[float] = deque(maxlen=128)  # step compute time
         self.closed = asyncio.Event()
 
     # -- sink: called by the engine on the event-loop thread ------------------------------------
@@ -146,10 +149,13 @@ class Connection:
                 res: FrameResults = item[1]
                 sent = clock()
                 data = self._encode_tokens(res, sent)
+                self.compute.append(res.compute_end - res.compute_start)
                 for t in res.audio_complete:
                     lat = sent - t
                     self.latencies.append(lat)
+                    self.queueing.append(res.compute_start - t)
                     metrics.latency.observe(lat, model=self.model_name)
+                    metrics.queueing.observe(res.compute_start - t, model=self.model_name)
                 metrics.frames.inc(res.count, model=self.model_name)
             elif kind == "audio":
                 data = P.encode_server_message(P.DecodedAudioMessage(
@@ -258,7 +264,7 @@ class Connection:
                          msg.sample_rate, msg.format.value, msg.channels)
         self.send_message(P.ReadyMessage(
             session=self.sid, resume_token="", model=wire_card(engine.card),
-            input_sample_rate=msg.sample_rate, send_hint_ms=self.cfg.send_hint_ms,
+            input_sample_rate=msg.sample_rate, send_hint_ms=engine.tuner.hint_ms(engine.frames_per_step),
             mode=msg.mode, outputs=outputs))
 
     def _audio(self, data: bytes) -> None:
@@ -290,12 +296,19 @@ class Connection:
     def stats(self) -> P.StatsMessage | None:
         if not self.latencies or not isinstance(self.session, EncoderSession):
             return None
-        lat = np.array(self.latencies)
-        return P.StatsMessage(values={
-            "latency_p50_ms": float(np.percentile(lat, 50) * 1000),
-            "latency_p95_ms": float(np.percentile(lat, 95) * 1000),
+        lat, queue, comp = (np.array(x) * 1000 for x in (self.latencies, self.queueing, self.compute))
+        values = {
+            "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p95_ms": float(np.percentile(lat, 95)),
+            "queue_p95_ms": float(np.percentile(queue, 95)),
+            "compute_p95_ms": float(np.percentile(comp, 95)) if len(comp) else 0.0,
             "backlog_frames": float(self.session.backlog_frames),
-        })
+            "frames_per_step": float(self.engine.frames_per_step),
+        }
+        rtt = getattr(self.ws, "latency", 0.0)
+        if rtt:
+            values["rtt_ms"] = float(rtt * 1000)  # last WebSocket ping round trip
+        return P.StatsMessage(values=values)
 
 
 class StreamtokServer:
@@ -327,11 +340,18 @@ class StreamtokServer:
             if name not in models:
                 models[name] = load_model(name, cfg.weights.get(name), cfg.device)
         for name, model in models.items():
+            card = model.card
+            tuner = TunerConfig(
+                frame_period_s=card.frame_size / card.sample_rate,
+                target_s=cfg.latency_target_ms / 1000 if cfg.latency_target_ms else None,
+                max_frames_per_step=cfg.max_frames_per_step,
+                pinned_frames_per_step=cfg.pin_frames_per_step, pinned_hint_ms=cfg.pin_hint_ms)
             engine = ModelEngine(model, cfg.max_sessions, cfg.max_frames_per_step, cfg.device,
-                                 cfg.threads, cfg.buffer_seconds, self.clock)
+                                 cfg.threads, cfg.buffer_seconds, self.clock, tuner,
+                                 on_decision=lambda d, n=name: self._broadcast_hint(n, d))
+            engine.on_step = lambda sec, frames, n=name: self.metrics.step.observe(sec, model=n)
             await engine.start()
             self.engines[name] = engine
-            card = model.card
             self.catalog[name] = P.ModelLimits(
                 cardinalities=tuple(lv.cardinality for lv in card.levels), units=card.units is not None,
                 latents=card.latent_dim is not None, decode=card.can_decode)
@@ -401,6 +421,12 @@ class StreamtokServer:
         """An engine loop that has not come round for ``stall_timeout_s`` is stuck."""
         now = self.clock()
         return any(now - e.last_heartbeat > self.cfg.stall_timeout_s for e in self.engines.values())
+
+    def _broadcast_hint(self, model: str, decision: Decision) -> None:
+        """Tell every session of ``model`` the new recommended send size."""
+        for conn in list(self.connections):
+            if conn.model_name == model and not conn.closed.is_set() and conn.session is not None:
+                conn.send_message(P.HintMessage(send_ms=decision.hint_ms))
 
     async def _watchdog_loop(self, interval: float) -> None:
         """Feed systemd's watchdog only while every engine loop comes round (a stuck engine
@@ -491,8 +517,16 @@ class StreamtokServer:
         extra += [f'streamtok_engine_steps_total{{model="{n}"}} {e.stats.steps}' for n, e in self.engines.items()]
         extra += ["# HELP streamtok_engine_frames_per_step Largest frames per step allowed",
                   "# TYPE streamtok_engine_frames_per_step gauge"]
-        extra += [f'streamtok_engine_frames_per_step{{model="{n}"}} {e.max_frames_per_step}'
+        extra += [f'streamtok_engine_frames_per_step{{model="{n}"}} {e.frames_per_step}'
                   for n, e in self.engines.items()]
+        extra += ["# HELP streamtok_client_hint_ms Recommended client send size",
+                  "# TYPE streamtok_client_hint_ms gauge"]
+        extra += [f'streamtok_client_hint_ms{{model="{n}"}} {e.tuner.hint_ms(e.frames_per_step)}'
+                  for n, e in self.engines.items()]
+        extra += ["# HELP streamtok_backlog_frames Frames received but not yet sent, all sessions",
+                  "# TYPE streamtok_backlog_frames gauge"]
+        extra += [f'streamtok_backlog_frames{{model="{n}"}} '
+                  f'{sum(s.backlog_frames for s in e.encoders.values())}' for n, e in self.engines.items()]
         extra += ["# HELP streamtok_up 1 while the server is ready", "# TYPE streamtok_up gauge",
                   f"streamtok_up {int(self.ready)}"]
         return self.metrics.render(sessions, extra)

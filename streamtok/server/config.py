@@ -46,7 +46,9 @@ class ServerConfig:
     keyfile: str | None = None
     shutdown_timeout_s: float = 10.0
     stats_interval_s: float = 5.0
-    send_hint_ms: int = 40
+    latency_target_ms: float | None = None  # tuner target p95 (default: one frame + 20 ms)
+    pin_frames_per_step: int | None = None  # operator pin of the tuner's frames per step
+    pin_hint_ms: int | None = None  # operator pin of the client send-size hint
     stall_timeout_s: float = 10.0  # engine loop silent this long: /readyz fails, watchdog stops
     log_level: str = "info"
 

@@ -75,6 +75,8 @@ class ServerMetrics:
         self.latency = Histogram("streamtok_latency_seconds",
                                  "Audio complete to tokens sent, per frame", LATENCY_BUCKETS)
         self.step = Histogram("streamtok_step_seconds", "Model step compute time", STEP_BUCKETS)
+        self.queueing = Histogram("streamtok_queue_seconds",
+                                  "Audio complete to compute start, per frame", LATENCY_BUCKETS)
         self.frames = Counter("streamtok_frames_total", "Frames of tokens (or audio) sent")
         self.errors = Counter("streamtok_errors_total", "Errors sent to clients, by code")
         self.sessions_total = Counter("streamtok_sessions_total", "Sessions started")
@@ -82,7 +84,8 @@ class ServerMetrics:
     def render(self, sessions: dict[str, int], extra: list[str] | None = None) -> str:
         lines = gauge_lines("streamtok_sessions", "Live sessions per model",
                             {(("model", m),): float(n) for m, n in sessions.items()})
-        for metric in (self.sessions_total, self.frames, self.errors, self.step, self.latency):
+        for metric in (self.sessions_total, self.frames, self.errors, self.step, self.queueing,
+                       self.latency):
             lines += metric.render()
         lines += extra or []
         return "\n".join(lines) + "\n"
