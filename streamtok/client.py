@@ -13,7 +13,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -25,6 +28,7 @@ from streamtok.audio.pcm import encode_pcm
 from streamtok.errors import StreamtokError
 from streamtok.server import protocol as P
 
+log = logging.getLogger("streamtok.client")
 
 class ServerError(StreamtokError):
     """The server sent an ``error``; ``code`` is its error code string."""
@@ -60,9 +64,20 @@ class ClientStats:
 class StreamtokClient:
     """One session with a streamtok server. Use :meth:`connect` to open it."""
 
-    def __init__(self, ws: ClientConnection, start: P.StartMessage) -> None:
+    def __init__(self, ws: ClientConnection, start: P.StartMessage, url: str = "",
+                 connect_kwargs: dict | None = None, auto_resume: bool = True,
+                 history_seconds: float = 60.0) -> None:
         self.ws = ws
         self.start_msg = start
+        self.url = url
+        self._connect_kwargs = connect_kwargs or {}
+        self.auto_resume = auto_resume
+        self.resumes = 0  # reconnects that resumed the session
+        # Audio sent, kept so that after a reconnect everything the server lacks is sent again.
+        self._history: deque[tuple[int, bytes]] = deque()
+        self._history_limit = int(history_seconds * start.sample_rate)
+        self._resume_task: asyncio.Task | None = None
+        self._ended = False
         self.ready: P.ReadyMessage | None = None
         self.frames: list[ReceivedFrame] = []
         self.audio: list[bytes] = []  # decode sessions: PCM received
@@ -85,13 +100,15 @@ class StreamtokClient:
                       latents: bool = False, units: bool = False, token: str | None = None,
                       mode: str = "encode", timeout: float = 30.0, **ws_kwargs) -> StreamtokClient:
         """Open a session and wait for ``ready`` (raises :class:`ServerError` on refusal)."""
+        auto_resume = ws_kwargs.pop("auto_resume", True)
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        ws = await connect(url, additional_headers=headers, max_size=None, compression=None,
-                           open_timeout=timeout, **ws_kwargs)
+        kwargs = dict(additional_headers=headers, max_size=None, compression=None,
+                      open_timeout=timeout, **ws_kwargs)
+        ws = await connect(url, **kwargs)
         start = P.StartMessage(
             model=model, sample_rate=sample_rate, format=P.AudioFormat(format), channels=channels,
             mode=P.SessionMode(mode), outputs=P.Outputs(codes=codes, units=units, latents=latents))
-        client = cls(ws, start)
+        client = cls(ws, start, url, kwargs, auto_resume and mode == "encode")
         await ws.send(P.encode_client_message(start))
         try:
             client.ready = await asyncio.wait_for(asyncio.shield(client._ready), timeout)
@@ -117,9 +134,77 @@ class StreamtokClient:
         else:
             data = bytes(audio)
             n = len(data) // (self.start_msg.format.sample_width * self.start_msg.channels)
+        if self.auto_resume:
+            self._history.append((self._sent_samples, data))
+            while self._history and self._history[0][0] < self._sent_samples - self._history_limit:
+                self._history.popleft()
         self._sent_samples += n
         self._send_times.append((self._sent_samples, time.monotonic()))
-        await self.ws.send(P.encode_client_message(P.AudioMessage(data=data)))
+        await self._send(P.encode_client_message(P.AudioMessage(data=data)), audio=True)
+
+    async def _send(self, payload: bytes, audio: bool = False) -> None:
+        """Send, resuming the session first if the connection dropped (audio sent meanwhile is
+        re-sent from the server's position, so a packet is never lost nor doubled)."""
+        if self._resume_task is not None:
+            await self._resume_task
+        try:
+            await self.ws.send(payload)
+        except ConnectionClosed:
+            if not self.auto_resume or self._ended:
+                raise
+            await self._start_resume()
+            if not audio:  # audio was in the history, and the resume re-sent it
+                await self.ws.send(payload)
+
+    async def _start_resume(self) -> None:
+        if self._resume_task is None:
+            self._resume_task = asyncio.ensure_future(self._resume_with_backoff())
+        task = self._resume_task
+        try:
+            await task
+        finally:
+            if self._resume_task is task:
+                self._resume_task = None
+
+    async def _resume_with_backoff(self, attempts: int = 8) -> None:
+        delay = 0.05
+        last_error: Exception | None = None
+        for _ in range(attempts):
+            try:
+                await self._resume_once()
+                return
+            except ServerError:
+                raise
+            except (OSError, ConnectionClosed, asyncio.TimeoutError, StreamtokError) as e:
+                last_error = e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise StreamtokError(f"could not resume the session: {last_error}")
+
+    async def _resume_once(self) -> None:
+        """Reconnect with the resume token; the server replays frames after the last one we
+        have and says how much audio it holds; send the rest again from our history."""
+        if self.ready is None or not self.ready.resume_token:
+            raise StreamtokError("this session cannot be resumed (no resume token)")
+        last = max((f.index for f in self.frames), default=-1)
+        ws = await connect(self.url, **self._connect_kwargs)
+        start = dataclasses.replace(self.start_msg, resume=P.Resume(self.ready.resume_token, last))
+        self._reader.cancel()
+        self.ws = ws
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+        await ws.send(P.encode_client_message(start))
+        ready = await asyncio.wait_for(asyncio.shield(self._ready), 30)
+        self.resumes += 1
+        block = self.start_msg.format.sample_width * self.start_msg.channels
+        for first, data in list(self._history):
+            n = len(data) // block
+            if first + n <= ready.resume_sample:
+                continue
+            skip = max(0, ready.resume_sample - first)
+            await ws.send(P.encode_client_message(P.AudioMessage(data=data[skip * block:])))
+        log.info("resumed session %s after frame %d from sample %d", ready.session, last,
+                 ready.resume_sample)
 
     async def send_codes(self, frames: np.ndarray | list[list[int]]) -> None:
         """Decode sessions: send frames of codes (``[T, K]``)."""
@@ -128,12 +213,13 @@ class StreamtokClient:
 
     async def flush(self, timeout: float = 60.0) -> int | None:
         """Ask for every frame so far; return ``last_frame`` once all have arrived."""
-        await self.ws.send(P.encode_client_message(P.FlushMessage()))
+        await self._send(P.encode_client_message(P.FlushMessage()))
         return await self._wait_flushed(timeout)
 
     async def end(self, timeout: float = 60.0) -> int | None:
         """Flush, then let the server close the connection normally."""
-        await self.ws.send(P.encode_client_message(P.EndMessage()))
+        await self._send(P.encode_client_message(P.EndMessage()))
+        self._ended = True
         last = await self._wait_flushed(timeout)
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
         return last
@@ -153,18 +239,31 @@ class StreamtokClient:
         return time.monotonic() - t
 
     async def close(self) -> None:
+        self._ended = True
         await self.ws.close()
         self._reader.cancel()
 
     async def _wait_flushed(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
         getter = asyncio.ensure_future(self._flushed.get())
-        done, _ = await asyncio.wait({getter, self._reader}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        self._raise_if_error()
-        raise StreamtokError("connection closed before 'flushed'" if done else "timed out waiting for 'flushed'")
+        while True:
+            done, _ = await asyncio.wait({getter, self._reader}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                return getter.result()
+            if done and self.auto_resume and not self.errors and self._dropped():
+                # The connection dropped while we waited: resume. The server re-sends frames
+                # after our last one and the `flushed` it produced meanwhile. (A flush lost in
+                # the drop itself is not repeated: it would be answered twice if it was not.)
+                await self._start_resume()
+                continue
+            getter.cancel()
+            self._raise_if_error()
+            raise StreamtokError("connection closed before 'flushed'" if done else "timed out waiting for 'flushed'")
+
+    def _dropped(self) -> bool:
+        """The connection ended without a close frame from the server (a network drop)."""
+        return self.ws.close_rcvd is None
 
     def _raise_if_error(self) -> None:
         if self.errors:

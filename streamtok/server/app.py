@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import http
 import logging
+import secrets
 import signal
 import ssl
 import time
@@ -59,6 +61,73 @@ def wire_card(card: Any) -> P.ModelCard:
         delay_frames=round(card.delay_samples / card.frame_size), delay_ms=card.delay_ms)
 
 
+def frames_from(res: FrameResults, first: int) -> FrameResults | None:
+    """The part of ``res`` from frame index ``first`` on (None if it ends before)."""
+    skip = first - res.start
+    if skip <= 0:
+        return res
+    if skip >= res.count:
+        return None
+
+    def cut(a):
+        return None if a is None else a[skip:]
+
+    return FrameResults(first, cut(res.codes), cut(res.latents), cut(res.units),
+                        res.audio_complete[skip:], res.compute_start, res.compute_end)
+
+
+class ResumableSession:
+    """What outlives a dropped connection (session resume): the engine session, a replay buffer
+    of the frames produced (until acknowledged), and what happened while no client was attached.
+
+    While detached it is the engine session's sink; a client that reconnects with the token
+    before ``expires_at`` takes the session over and gets every frame after the last one it had.
+    """
+
+    def __init__(self, token: str, identity: str, start: P.StartMessage, session: EncoderSession,
+                 engine: ModelEngine, max_frames: int) -> None:
+        self.token, self.identity, self.start = token, identity, start
+        self.session, self.engine, self.max_frames = session, engine, max_frames
+        self.replay: deque[FrameResults] = deque()
+        self.replay_frames = 0
+        self.pending: list[tuple] = []  # ("flushed", last) produced while detached
+        self.expires_at: float | None = None
+        self.conn: Connection | None = None
+        self.failed = False
+
+    def add(self, res: FrameResults) -> None:
+        self.replay.append(res)
+        self.replay_frames += res.count
+        while self.replay and self.replay_frames - self.replay[0].count >= self.max_frames:
+            self.replay_frames -= self.replay.popleft().count
+
+    def ack(self, frame: int) -> None:
+        """The client has every frame up to ``frame``: forget them."""
+        while self.replay and self.replay[0].start + self.replay[0].count - 1 <= frame:
+            self.replay_frames -= self.replay.popleft().count
+
+    @property
+    def first_replayable(self) -> int:
+        return self.replay[0].start if self.replay else self.session.frames_emitted
+
+    def frames_after(self, last_frame: int) -> list[FrameResults]:
+        return [r for r in (frames_from(x, last_frame + 1) for x in self.replay) if r is not None]
+
+    # sink while detached
+    def on_tokens(self, res: FrameResults) -> None:
+        self.add(res)
+
+    def on_audio(self, start_frame: int, pcm: bytes) -> None:  # decode sessions are not resumable
+        pass
+
+    def on_flushed(self, last_frame: int | None) -> None:
+        self.pending.append(("flushed", last_frame))
+
+    def on_error(self, error: Exception) -> None:
+        self.failed = True
+        self.expires_at = 0.0
+
+
 class Connection:
     """One client connection: protocol state machine in, engine calls out, bounded send queue."""
 
@@ -76,9 +145,13 @@ class Connection:
         self.queueing: deque[float] = deque(maxlen=512)  # audio complete -> compute start
         self.compute: deque[float] = deque(maxlen=128)  # step compute time
         self.closed = asyncio.Event()
+        self.handle: ResumableSession | None = None  # encode sessions: survives reconnects
+        self.failed = False
 
     # -- sink: called by the engine on the event-loop thread ------------------------------------
     def on_tokens(self, res: FrameResults) -> None:
+        if self.handle is not None:
+            self.handle.add(res)
         self._enqueue(("tokens", res))
 
     def on_audio(self, start_frame: int, pcm: bytes) -> None:
@@ -116,6 +189,7 @@ class Connection:
         """Send a fatal ``error`` and close with its close code; stop the session now."""
         if self.closed.is_set():
             return
+        self.failed = True
         self.server.metrics.errors.inc(code=code.value)
         session_log.info("session %s: %s: %s", self.sid, code.value, message)
         self._stop_session()
@@ -130,7 +204,12 @@ class Connection:
         self.send_message(P.ErrorMessage(code, message, False))
 
     async def writer(self) -> None:
-        """Drain the queue to the socket; encode ``tokens`` at send time (``sent`` timing)."""
+        """Drain the queue to the socket; a dropped socket ends it quietly (the reader sees it too)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._write_loop()
+
+    async def _write_loop(self) -> None:
+        """Encode ``tokens`` at send time (the ``sent`` timing) and send in queue order."""
         clock = self.server.clock
         metrics = self.server.metrics
         while True:
@@ -188,7 +267,8 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            self._stop_session()
+            if not self._detach():
+                self._stop_session()
             if not writer.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.shutdown_timeout_s)
@@ -226,7 +306,8 @@ class Connection:
         elif isinstance(ev, P.PingReceived):
             self.send_message(P.PongMessage(t=ev.t, server_t=self.server.clock()))
         elif isinstance(ev, P.AckReceived):
-            pass  # acknowledgements matter for resume, which keeps no state yet
+            if self.handle is not None:
+                self.handle.ack(ev.frame)
         elif isinstance(ev, P.ProtocolViolation):
             if ev.fatal:
                 self.fail(ev.code, ev.message)
@@ -239,6 +320,9 @@ class Connection:
             return
         if self.server.stalled():
             self.fail(P.ErrorCode.OVERLOADED, "the engine is not keeping up; try again later")
+            return
+        if msg.resume is not None:
+            self._resume(msg)
             return
         engine = self.server.engines[msg.model]
         limits = self.server.catalog[msg.model]
@@ -262,10 +346,77 @@ class Connection:
         self.server.metrics.sessions_total.inc(model=msg.model)
         session_log.info("session %s: %s %s at %d Hz %s x%d", self.sid, msg.mode.value, msg.model,
                          msg.sample_rate, msg.format.value, msg.channels)
+        token = ""
+        if isinstance(self.session, EncoderSession) and self.cfg.resume_grace_s > 0:
+            token = secrets.token_urlsafe(24)
+            frames = max(1, int(self.cfg.resume_buffer_s * engine.card.frame_rate))
+            self.handle = ResumableSession(token, self.server.identity(self.ws.request), msg,
+                                           self.session, engine, frames)
+            self.handle.conn = self
+            self.server.resumable[token] = self.handle
         self.send_message(P.ReadyMessage(
-            session=self.sid, resume_token="", model=wire_card(engine.card),
+            session=self.sid, resume_token=token, model=wire_card(engine.card),
             input_sample_rate=msg.sample_rate, send_hint_ms=engine.tuner.hint_ms(engine.frames_per_step),
             mode=msg.mode, outputs=outputs))
+
+    def _resume(self, msg: P.StartMessage) -> None:
+        """Take over a dropped session: same stream state; replay frames after ``last_frame``."""
+        assert msg.resume is not None
+        handle = self.server.resumable.get(msg.resume.token)
+        now = self.server.clock()
+        why = None
+        if handle is None or handle.failed or (handle.expires_at is not None and handle.expires_at < now):
+            why = "unknown or expired resume token"
+        elif not hmac.compare_digest(handle.identity, self.server.identity(self.ws.request)):
+            why = "resume token belongs to another identity"
+        elif (msg.model, msg.sample_rate, msg.format, msg.channels) != (
+                handle.start.model, handle.start.sample_rate, handle.start.format, handle.start.channels):
+            why = "resume must repeat the session's model, sample_rate, format and channels"
+        elif msg.resume.last_frame + 1 < handle.first_replayable:
+            why = (f"frames from {msg.resume.last_frame + 1} are no longer buffered "
+                   f"(buffer starts at {handle.first_replayable})")
+        if why is not None:
+            self.fail(P.ErrorCode.RESUME_FAILED, why)
+            return
+        old = handle.conn
+        if old is not None and old is not self:  # the old socket has not noticed the drop yet
+            old.handle = None
+            old.session = None
+            old.closed.set()
+            with contextlib.suppress(asyncio.QueueFull):
+                old.queue.put_nowait(("close", P.CloseCode.POLICY_VIOLATION, "session resumed elsewhere"))
+        handle.conn, handle.expires_at = self, None
+        self.handle, self.session, self.engine = handle, handle.session, handle.engine
+        self.model_name, self.sid = msg.model, handle.session.id
+        handle.session.sink = self
+        handle.ack(msg.resume.last_frame)
+        session_log.info("session %s: resumed after frame %d", self.sid, msg.resume.last_frame)
+        card = self.engine.card
+        self.send_message(P.ReadyMessage(
+            session=self.sid, resume_token=handle.token, model=wire_card(card),
+            input_sample_rate=msg.sample_rate,
+            send_hint_ms=self.engine.tuner.hint_ms(self.engine.frames_per_step), mode=msg.mode,
+            outputs=P.resolve_outputs(handle.start.outputs, self.server.catalog[msg.model]),
+            resumed=True, resume_sample=handle.session.samples_in))
+        for res in handle.frames_after(msg.resume.last_frame):
+            self._enqueue(("tokens", res))
+        for item in handle.pending:
+            if item[0] == "flushed":
+                self._enqueue(item)
+        handle.pending.clear()
+
+    def _detach(self) -> bool:
+        """On a dropped connection keep a resumable session for ``resume_grace_s``."""
+        handle = self.handle
+        if (handle is None or self.failed or self.ending or self.server.stopping
+                or handle.conn is not self):
+            return False
+        handle.conn = None
+        handle.session.sink = handle
+        handle.expires_at = self.server.clock() + self.cfg.resume_grace_s
+        session_log.info("session %s: connection lost; resumable for %.0f s", self.sid,
+                         self.cfg.resume_grace_s)
+        return True
 
     def _audio(self, data: bytes) -> None:
         if self.session is None or not isinstance(self.session, EncoderSession):
@@ -292,6 +443,9 @@ class Connection:
     def _stop_session(self) -> None:
         if self.session is not None and self.engine is not None:
             self.engine.close(self.session)
+        if self.handle is not None:
+            self.server.resumable.pop(self.handle.token, None)
+            self.handle = None
 
     def stats(self) -> P.StatsMessage | None:
         if not self.latencies or not isinstance(self.session, EncoderSession):
@@ -326,11 +480,13 @@ class StreamtokServer:
         self.catalog: dict[str, P.ModelLimits] = {}
         self.metrics = ServerMetrics()
         self.connections: set[Connection] = set()
+        self.resumable: dict[str, ResumableSession] = {}
         self.ws_server: WsServer | None = None
         self.ready = False
         self.stopping = False
         self.started_at = clock()
         self._stats_task: asyncio.Task | None = None
+        self._last_stats = clock()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -404,6 +560,10 @@ class StreamtokServer:
                 if conn.session is None and not conn.closed.is_set():
                     conn.queue.put_nowait(("close", P.CloseCode.GOING_AWAY, "server shutdown"))
                     conn.closed.set()
+        for h in list(self.resumable.values()):
+            if h.conn is None:
+                h.engine.close(h.session)
+        self.resumable.clear()
         stragglers = len(self.connections)
         for conn in list(self.connections):
             with contextlib.suppress(Exception):
@@ -436,9 +596,28 @@ class StreamtokServer:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
+    def identity(self, request: Request | None) -> str:
+        """Who a connection is, for binding resume tokens: a hash of its bearer token."""
+        return hashlib.sha256(self.bearer(request).encode()).hexdigest()
+
+    def reap_detached(self) -> int:
+        """Close resumable sessions whose grace period ran out; return how many."""
+        now = self.clock()
+        expired = [h for h in self.resumable.values()
+                   if h.conn is None and h.expires_at is not None and h.expires_at < now]
+        for h in expired:
+            self.resumable.pop(h.token, None)
+            h.engine.close(h.session)
+            session_log.info("session %s: resume grace period over; closed", h.session.id)
+        return len(expired)
+
     async def _stats_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.stats_interval_s)
+            await asyncio.sleep(min(self.cfg.stats_interval_s, 1.0))
+            self.reap_detached()
+            if self.clock() - self._last_stats < self.cfg.stats_interval_s:
+                continue
+            self._last_stats = self.clock()
             for conn in list(self.connections):
                 msg = conn.stats()
                 if msg is not None and not conn.closed.is_set():
@@ -458,19 +637,28 @@ class StreamtokServer:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in self.cfg.allowed_origins:
                 return P.ErrorCode.FORBIDDEN_ORIGIN, f"origin {origin!r} is not allowed"
-        if self.cfg.auth_token and not self._authorized(request.path, request.headers):
+        if self.cfg.tokens and not self._authorized(request):
             return P.ErrorCode.UNAUTHORIZED, "missing or wrong bearer token"
         return None
 
-    def _authorized(self, path: str, headers: Headers) -> bool:
-        given = ""
-        auth = headers.get("Authorization", "")
+    @staticmethod
+    def bearer(request: Request | None) -> str:
+        """The token a request presents: ``Authorization: Bearer``, else ``?token=``."""
+        if request is None:
+            return ""
+        auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        else:
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
-            given = (query.get("token") or [""])[0]
-        return hmac.compare_digest(given.encode(), (self.cfg.auth_token or "").encode())
+            return auth[7:].strip()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        return (query.get("token") or [""])[0]
+
+    def _authorized(self, request: Request) -> bool:
+        """Constant-time compare against every configured token (no early exit)."""
+        given = self.bearer(request).encode()
+        ok = False
+        for token in self.cfg.tokens:
+            ok |= hmac.compare_digest(given, token.encode())
+        return ok
 
     def _http(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urllib.parse.urlsplit(request.path).path

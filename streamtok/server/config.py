@@ -41,6 +41,7 @@ class ServerConfig:
     buffer_seconds: float = 30.0  # per-session input backlog before `overloaded`
     send_queue_messages: int = 512  # per-connection output backlog before `slow_consumer`
     auth_token: str | None = None
+    auth_tokens: list[str] = field(default_factory=list)  # more accepted tokens, one per client
     allowed_origins: list[str] = field(default_factory=list)  # empty: any Origin
     certfile: str | None = None
     keyfile: str | None = None
@@ -49,6 +50,8 @@ class ServerConfig:
     latency_target_ms: float | None = None  # tuner target p95 (default: one frame + 20 ms)
     pin_frames_per_step: int | None = None  # operator pin of the tuner's frames per step
     pin_hint_ms: int | None = None  # operator pin of the client send-size hint
+    resume_grace_s: float = 30.0  # keep a dropped session this long for resume (0: no resume)
+    resume_buffer_s: float = 60.0  # frames kept for replay until acknowledged
     stall_timeout_s: float = 10.0  # engine loop silent this long: /readyz fails, watchdog stops
     log_level: str = "info"
 
@@ -76,6 +79,11 @@ class ServerConfig:
         cfg = cls(**values)
         cfg.validate()
         return cfg
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every accepted bearer token (empty: no authentication)."""
+        return ([self.auth_token] if self.auth_token else []) + list(self.auth_tokens)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

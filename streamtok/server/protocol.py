@@ -778,6 +778,8 @@ class ReadyMessage:
     outputs: ResolvedOutputs = ResolvedOutputs()
     version: int = PROTOCOL_VERSION
     ignored_fields: tuple[str, ...] = ()
+    resumed: bool = False
+    resume_sample: int = 0  # on resume: input samples (per channel) the server already has
     type: Literal[ServerMessageType.READY] = field(
         default=ServerMessageType.READY, init=False, repr=False
     )
@@ -794,6 +796,8 @@ class ReadyMessage:
             "input_sample_rate": self.input_sample_rate,
             "send_hint_ms": self.send_hint_ms,
             "ignored_fields": list(self.ignored_fields),
+            "resumed": self.resumed,
+            "resume_sample": self.resume_sample,
         }
 
     @classmethod
@@ -817,6 +821,8 @@ class ReadyMessage:
             input_sample_rate=r.integer("input_sample_rate", 1, MAX_INDEX),
             send_hint_ms=r.integer("send_hint_ms", 1, MAX_INDEX),
             ignored_fields=tuple(str(k) for k in ignored),
+            resumed=r.boolean("resumed", False),
+            resume_sample=r.integer("resume_sample", 0, MAX_INDEX, 0),
         )
 
 
