@@ -14,8 +14,8 @@ streaming API, so its fair streaming use re-encodes a context window each frame 
 frame's codes (``--window`` seconds, 1 s by default); decode likewise re-decodes the window.
 streamtok steps one 13.3 ms frame on carried state.
 
-    python benchmarks/vs_reference.py                 # about 5-8 minutes on 1 thread
-    python benchmarks/vs_reference.py --quick         # smoke run, about 1-2 minutes
+    python benchmarks/vs_reference.py                 # about 6-10 minutes on 1 thread
+    python benchmarks/vs_reference.py --quick         # smoke run, about 3-4 minutes
     python benchmarks/vs_reference.py --threads 2 --json out.json
 
 All references are optional: a missing one is reported and its columns left empty. Defaults to
@@ -45,31 +45,28 @@ BATCHES = (4, 16, 64)
 
 # -- timing --------------------------------------------------------------------------------------
 
-def latencies(step: Callable[[], object], frames: int, warmup: int = 3) -> list[float]:
-    """Milliseconds of ``frames`` consecutive calls of ``step`` (after ``warmup`` untimed ones)."""
+def interleaved(steppers: dict[str, Callable[[], object]], min_steps: int, budget_s: float,
+                max_steps: int = 1000, warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds per call of each stepper, called in turn (rotating who goes first) so that a
+    busy machine slows them alike; at least ``min_steps`` each, more while ``budget_s`` lasts."""
+    names = list(steppers)
     for _ in range(warmup):
-        step()
-    out = []
-    for _ in range(frames):
-        t0 = time.perf_counter()
-        step()
-        out.append(1000.0 * (time.perf_counter() - t0))
-    return out
+        for name in names:
+            steppers[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.monotonic() + budget_s
+    i = 0
+    while i < min_steps or (i < max_steps and time.monotonic() < deadline):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            steppers[name]()
+            times[name].append(1000.0 * (time.perf_counter() - t0))
+        i += 1
+    return times
 
 
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q))
-
-
-def capacity(step: Callable[[], object], batch: int, frame_ms: float, budget_s: float) -> float:
-    """Real-time streams at ``batch``: batch x frame duration / median step time (>= 2 steps)."""
-    step()  # warm-up
-    times, deadline = [], time.monotonic() + budget_s
-    while len(times) < 2 or (time.monotonic() < deadline and len(times) < 50):
-        t0 = time.perf_counter()
-        step()
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return batch * frame_ms / statistics.median(times)
 
 
 # -- Mimi --------------------------------------------------------------------------------------------
@@ -144,25 +141,30 @@ def mimi_steppers(name: str, impl, batch: int, codebooks: int, op: str) -> Calla
 def bench_mimi(args, workdir: Path) -> tuple[list[dict], list[dict]]:
     impls = mimi_impls(args.codebooks, workdir)
     lat_rows, cap_rows = [], []
-    with torch.inference_mode():
+
+    def steppers(batch: int, op: str) -> dict[str, Callable[[], object]]:
+        out = {}
         for name, impl in impls.items():
             try:
-                ms = latencies(mimi_steppers(name, impl, 1, args.codebooks, "encode"), args.frames)
-            except Exception as e:  # a reference that cannot run this configuration
-                print(f"mimi {name} latency failed: {e}", file=sys.stderr)
-                continue
+                out[name] = mimi_steppers(name, impl, batch, args.codebooks, op)
+                out[name]()  # a reference that cannot run this configuration fails here
+            except Exception as e:
+                print(f"  mimi {name} {op} batch {batch} cannot run: {e}", file=sys.stderr)
+                out.pop(name, None)
+        return out
+
+    with torch.inference_mode():
+        if not impls:
+            return lat_rows, cap_rows
+        for name, ms in interleaved(steppers(1, "encode"), args.frames, 0.0).items():
             lat_rows.append({"model": "mimi", "impl": name, "p50": pct(ms, 50), "p95": pct(ms, 95),
                              "p99": pct(ms, 99), "frame_ms": 80.0})
             print(f"  mimi {name:<10} encode latency p50 {pct(ms, 50):.1f} ms", file=sys.stderr)
         for op in ("encode", "decode"):
             for batch in BATCHES:
+                times = interleaved(steppers(batch, op), 2, args.budget)
                 row = {"model": "mimi", "op": op, "batch": batch}
-                for name, impl in impls.items():
-                    try:
-                        row[name] = capacity(mimi_steppers(name, impl, batch, args.codebooks, op),
-                                             batch, 80.0, args.budget)
-                    except Exception as e:
-                        print(f"mimi {name} {op} batch {batch} failed: {e}", file=sys.stderr)
+                row |= {name: batch * 80.0 / statistics.median(ms) for name, ms in times.items()}
                 cap_rows.append(row)
                 print(f"  mimi {op} batch {batch}: " + ", ".join(
                     f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
@@ -223,16 +225,17 @@ def bench_encodec(args, workdir: Path) -> tuple[list[dict], list[dict]]:
 
     lat_rows, cap_rows = [], []
     with torch.inference_mode():
-        for name, make in (("streamtok", ours_stepper), ("encodec", ref_stepper)):
-            ms = latencies(make(1, "encode"), args.frames)
+        both = {"streamtok": ours_stepper(1, "encode"), "encodec": ref_stepper(1, "encode")}
+        for name, ms in interleaved(both, args.frames, 0.0).items():
             lat_rows.append({"model": "encodec24", "impl": name, "p50": pct(ms, 50), "p95": pct(ms, 95),
                              "p99": pct(ms, 99), "frame_ms": frame_ms})
             print(f"  encodec24 {name:<10} encode latency p50 {pct(ms, 50):.1f} ms", file=sys.stderr)
         for op in ("encode", "decode"):
             for batch in BATCHES:
-                row = {"model": "encodec24", "op": op, "batch": batch,
-                       "streamtok": capacity(ours_stepper(batch, op), batch, frame_ms, args.budget),
-                       "encodec": capacity(ref_stepper(batch, op), batch, frame_ms, args.budget)}
+                both = {"streamtok": ours_stepper(batch, op), "encodec": ref_stepper(batch, op)}
+                times = interleaved(both, 2, args.budget)
+                row = {"model": "encodec24", "op": op, "batch": batch}
+                row |= {name: batch * frame_ms / statistics.median(ms) for name, ms in times.items()}
                 cap_rows.append(row)
                 print(f"  encodec24 {op} batch {batch}: streamtok {row['streamtok']:.1f}, "
                       f"encodec {row['encodec']:.1f}", file=sys.stderr)
