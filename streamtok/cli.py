@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from streamtok import __version__
+from streamtok import __version__, deploy
 from streamtok.errors import StreamtokError
 
 
@@ -39,6 +39,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise StreamtokError("--weights without NAME= needs exactly one --model")
         overrides["weights"] = {(args.model or ["default"])[0]: args.weights[0]}
     cfg = ServerConfig.load(args.config, overrides=overrides)
+    if not args.verbose:
+        logging.getLogger().setLevel(cfg.log_level.upper())
     uv = install_uvloop()
     logging.getLogger("streamtok.server").info("event loop: %s", "uvloop" if uv else "asyncio")
     asyncio.run(serve_until_signalled(cfg))
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--keyfile", help="TLS private key (PEM)")
     sv.set_defaults(func=_cmd_serve)
 
+    deploy.add_parser(sub)
+
     sub.add_parser("models", help="list the models this install knows and their weights").set_defaults(
         func=_cmd_models)
 
@@ -198,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("output")
     x.add_argument("--dtype", choices=["f16", "bf16", "f32"], default="f16")
     x.set_defaults(func=_cmd_export)
+
+    from streamtok.evaluation import add_eval_parser
+
+    add_eval_parser(sub)
 
     t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)")
     t.add_argument("--config", required=True, help="codec config JSON")

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,8 @@ from streamtok.errors import StreamtokError
 from streamtok.server import protocol as P
 
 log = logging.getLogger("streamtok.client")
+
+MAX_PACKET_BYTES = 256 * 1024  # one audio message at most (the server's default limit is 1 MiB)
 
 class ServerError(StreamtokError):
     """The server sent an ``error``; ``code`` is its error code string."""
@@ -81,6 +83,8 @@ class StreamtokClient:
         self.ready: P.ReadyMessage | None = None
         self.frames: list[ReceivedFrame] = []
         self.audio: list[bytes] = []  # decode sessions: PCM received
+        self.on_audio: Callable[[bytes, int], None] | None = None  # (pcm, first frame) as it arrives
+        self.on_frame: Callable[[ReceivedFrame], None] | None = None  # each frame as it arrives
         self.stats = ClientStats()
         self.server_stats: dict[str, float] = {}
         self.send_hint_ms: int | None = None
@@ -130,17 +134,21 @@ class StreamtokClient:
         or raw PCM bytes in the session format."""
         if isinstance(audio, np.ndarray):
             data = encode_pcm(audio.reshape(-1).astype(np.float32), self.start_msg.format.value)
-            n = audio.shape[0]
         else:
             data = bytes(audio)
-            n = len(data) // (self.start_msg.format.sample_width * self.start_msg.channels)
-        if self.auto_resume:
-            self._history.append((self._sent_samples, data))
-            while self._history and self._history[0][0] < self._sent_samples - self._history_limit:
-                self._history.popleft()
-        self._sent_samples += n
-        self._send_times.append((self._sent_samples, time.monotonic()))
-        await self._send(P.encode_client_message(P.AudioMessage(data=data)), audio=True)
+        block = self.start_msg.format.sample_width * self.start_msg.channels
+        step = max(1, MAX_PACKET_BYTES // block) * block  # stay under the server's message limit
+        for i in range(0, len(data), step):
+            part = data[i:i + step]
+            if self.auto_resume:
+                self._history.append((self._sent_samples, part))
+                while self._history and self._history[0][0] < self._sent_samples - self._history_limit:
+                    self._history.popleft()
+            self._sent_samples += len(part) // block
+            self._send_times.append((self._sent_samples, time.monotonic()))
+            await self._send(P.encode_client_message(P.AudioMessage(data=part)), audio=True)
+        if not data:
+            await self._send(P.encode_client_message(P.AudioMessage(data=b"")), audio=True)
 
     async def _send(self, payload: bytes, audio: bool = False) -> None:
         """Send, resuming the session first if the connection dropped (audio sent meanwhile is
@@ -150,7 +158,9 @@ class StreamtokClient:
         try:
             await self.ws.send(payload)
         except ConnectionClosed:
-            if not self.auto_resume or self._ended:
+            if not self.auto_resume or self._ended or not self._dropped():
+                # the server closed on purpose (a fatal error, shutdown): say why, no resume
+                self._raise_if_error()
                 raise
             await self._start_resume()
             if not audio:  # audio was in the history, and the resume re-sent it
@@ -263,7 +273,7 @@ class StreamtokClient:
 
     def _dropped(self) -> bool:
         """The connection ended without a close frame from the server (a network drop)."""
-        return self.ws.close_rcvd is None
+        return self.ws.protocol.close_rcvd is None
 
     def _raise_if_error(self) -> None:
         if self.errors:
@@ -297,6 +307,8 @@ class StreamtokClient:
                 self.frames.append(frame)
                 self._record_latency(frame)
                 self._frame_queue.put_nowait(frame)
+                if self.on_frame is not None:
+                    self.on_frame(frame)
         elif isinstance(msg, P.ReadyMessage):
             if not self._ready.done():
                 self._ready.set_result(msg)
@@ -304,6 +316,8 @@ class StreamtokClient:
             self._flushed.put_nowait(msg.last_frame)
         elif isinstance(msg, P.DecodedAudioMessage):
             self.audio.append(msg.data)
+            if self.on_audio is not None:
+                self.on_audio(msg.data, msg.index)
         elif isinstance(msg, P.ErrorMessage):
             code = msg.code.value if isinstance(msg.code, P.ErrorCode) else msg.code
             self.errors.append(ServerError(code, msg.message, msg.fatal))

@@ -411,3 +411,51 @@ def test_hint_stats_and_tuner_metrics():
     assert 'streamtok_engine_frames_per_step{model="tiny"} 2' in metrics
     assert 'streamtok_client_hint_ms{model="tiny"} 80' in metrics
     assert_same_codes(TINY, codes, audio, 16000, "f32le")
+
+
+def _reflect_model() -> CausalCodec:
+    """An EnCodec-shaped random codec (reflect padding, LSTM): its stream start needs several frames."""
+    torch.manual_seed(3)
+    cfg = CodecConfig.from_dict({
+        "name": "reflect", "sample_rate": 16000,
+        "seanet": {"dimension": 16, "n_filters": 4, "ratios": [8, 5, 2], "lstm": 1,
+                   "pad_mode": "reflect", "true_skip": False},
+        "quantizer": {"levels": 2, "codebook_size": 32, "codebook_dim": 16}})
+    model = CausalCodec(cfg)
+    x = torch.randn(4, 16000) * 0.1
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model.quantizer(model.latents(x))
+    return model.eval()
+
+
+def test_reflect_padded_model_starts_with_enough_frames():
+    """A model whose first step needs several frames (EnCodec's reflect padding) streams packets
+    of any size, through a flush, to the offline codes."""
+    model = _reflect_model()
+    first = model.card.extra["first_step_frames"]
+    assert first > 1
+    a, b = speech(1.0), speech(2.0)[16000:]
+
+    async def main():
+        cfg = ServerConfig(port=0, models=["reflect"], threads=1)
+        server = StreamtokServer(cfg, {"reflect": model})
+        await server.start()
+        try:
+            c = await StreamtokClient.connect(f"ws://127.0.0.1:{server.port}", model="reflect",
+                                              format="f32le")
+            for i in range(0, len(a), 97):
+                await c.send_audio(a[i:i + 97])
+            n_a = (await c.flush()) + 1
+            for i in range(0, len(b), 331):
+                await c.send_audio(b[i:i + 331])
+            await c.end()
+            return n_a, c.codes(), c.errors
+        finally:
+            await server.shutdown()
+
+    n_a, codes, errors = run(main())
+    assert not errors
+    assert_same_codes(model, codes[:, :n_a], a, 16000, "f32le")
+    assert_same_codes(model, codes[:, n_a:], b, 16000, "f32le")

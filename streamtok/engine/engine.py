@@ -83,6 +83,9 @@ class EngineStats:
             del self.batch_sizes[:2048]
 
 
+HEARTBEAT_S = 1.0
+
+
 class ModelEngine:
     """Serves one :class:`Tokenizer` on one device to up to ``max_sessions`` concurrent sessions
     of each kind (encode, decode)."""
@@ -114,15 +117,25 @@ class ModelEngine:
         self._ids = itertools.count()
         self._buf = np.zeros(max_frames_per_step * self.card.frame_size * max_sessions, np.float32)
         self.stats = EngineStats()
-        self.last_heartbeat = clock()
+        self.last_heartbeat = clock()  # the loop comes round at least every HEARTBEAT_S
+        self.step_started: float | None = None  # when the running model step began
         self.warm = False
         period = self.card.frame_size / self.card.sample_rate
         self.tuner = ChunkTuner(tuner or TunerConfig(frame_period_s=period,
                                                      max_frames_per_step=max_frames_per_step))
         self.on_decision = on_decision
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, frames) per step
+        # Undo a failed step and retry without the failing session, when state rows are small
+        # enough to copy every step (conv codecs: ~20 kB per slot; not KV caches of MBs).
+        per_slot = self._enc_streamer.state_bytes() // max_sessions
+        self.isolate_failures = per_slot <= 256 * 1024
         self.decide_every_s = 0.5
         self._last_decision = clock()
+
+    @property
+    def first_step_frames(self) -> int:
+        """Frames a stream's first step must hold (models with reflect padding at the start)."""
+        return int(self.card.extra.get("first_step_frames", 1))
 
     @property
     def frames_per_step(self) -> int:
@@ -143,7 +156,7 @@ class ModelEngine:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
             streamer = self.model.encoder_streamer(1)
-            audio = torch.zeros(1, self.card.frame_size, device=self.device)
+            audio = torch.zeros(1, self.card.frame_size * self.first_step_frames, device=self.device)
             for _ in range(3):
                 out = self.model.encode_step(audio, streamer, None, None, self.card.latent_dim is not None)
             if self.card.can_decode and out.codes is not None:
@@ -156,6 +169,21 @@ class ModelEngine:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+
+    def stalled(self, timeout: float) -> bool:
+        """A model step running longer than ``timeout``, or a loop that stopped coming round."""
+        now = self.clock()
+        if self.step_started is not None and now - self.step_started > timeout:
+            return True
+        return now - self.last_heartbeat > timeout + HEARTBEAT_S
+
+    async def _in_executor(self, fn, *args):
+        """Run a model step on the worker thread, recording when it started (stall detection)."""
+        self.step_started = self.clock()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.step_started = None
 
     @property
     def session_count(self) -> int:
@@ -251,18 +279,32 @@ class ModelEngine:
                 self._wake.clear()
                 self._check_flushed()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._wake.wait(), timeout=HEARTBEAT_S)
                 except TimeoutError:
                     pass  # heartbeat only: nothing runs while idle but this timer
 
     async def _step_once(self, loop: asyncio.AbstractEventLoop) -> bool:
         k = self.tuner.frames_per_step
-        # A live session waits until it has k frames; one cut by a flush steps what it has.
-        enc_ready = [(s.slot, s.frames_ready) for s in self.encoders.values()
-                     if not s.closed and (s.frames_ready >= k or s.boundaries)]
-        dec_ready = [(s.slot, s.frames_ready) for s in self.decoders.values() if not s.closed]
-        plans = [("enc", n, keys) for n, keys in plan_steps(enc_ready, self.max_frames_per_step)]
-        plans += [("dec", n, keys) for n, keys in plan_steps(dec_ready, self.max_frames_per_step)]
+        first = self.first_step_frames
+        plans = []
+        for kind, sessions in (("enc", self.encoders), ("dec", self.decoders)):
+            ready, starting = [], []
+            for s in sessions.values():
+                n = s.frames_ready
+                if s.closed or n == 0:
+                    continue
+                if first > 1 and s.frames_taken == s.segment_start:
+                    # a reflect-padded model's stream start needs `first` frames at once
+                    if n >= first:
+                        starting.append(s.slot)
+                    elif s.boundaries:  # a stream shorter than that: try what there is
+                        ready.append((s.slot, n))
+                elif kind == "dec" or n >= k or s.boundaries:
+                    # a live session waits for k frames; one cut by a flush steps what it has
+                    ready.append((s.slot, n))
+            if starting:
+                plans.append((kind, first, starting))
+            plans += [(kind, n, keys) for n, keys in plan_steps(ready, self.max_frames_per_step)]
         if not plans:
             return False
         for kind, n, keys in plans:
@@ -287,19 +329,24 @@ class ModelEngine:
         levels = max((s.options.levels for s in sessions), default=0)
         want_latents = any(s.options.latents for s in sessions)
         slots = [s.slot for s in sessions]
-        try:
-            t0 = self.clock()
-            codes, latents, units = await loop.run_in_executor(
-                self._executor, self._encode_batch, batch, slots, levels, want_latents)
-            t1 = self.clock()
-        except Exception as e:  # a bug in a model step: fail this batch's sessions, keep serving
-            self.stats.errors += 1
-            log.exception("encode step failed for %d sessions of %s", B, self.name)
-            for s in sessions:
+        t0 = self.clock()
+        codes, latents, units, failed = await self._in_executor(
+            self._encode_isolating, batch, slots, levels, want_latents)
+        t1 = self.clock()
+        if failed:  # a model step raised for these sessions only: they get an error, others go on
+            self.stats.errors += len(failed)
+            for i, err in failed.items():
+                s = sessions[i]
                 s.in_step = False
-                s.sink.on_error(e)
+                s.sink.on_error(err)
                 self.close(s)
-            return
+            keep = [i for i in range(B) if i not in failed]
+            if not keep:
+                return
+            sessions = [sessions[i] for i in keep]
+            starts = [starts[i] for i in keep]
+            times = [times[i] for i in keep]
+            B = len(sessions)
         self._observe(t1 - t0, B, B * n)
         for i, s in enumerate(sessions):
             s.in_step = False
@@ -315,6 +362,37 @@ class ModelEngine:
                 audio_complete=times[i], compute_start=t0, compute_end=t1)
             s.frames_emitted += n
             s.sink.on_tokens(res)
+
+    def _encode_isolating(self, batch: np.ndarray, slots: list[int], levels: int, latents: bool):
+        """Step the batch; if it raises, undo it and find the sessions that fail on their own,
+        then step the others again together. Returns (codes, latents, units, {row: error})
+        with outputs for the rows that did not fail, in order."""
+        idx = torch.tensor(slots, device=self.device)
+        saved = self._enc_streamer.snapshot(idx) if self.isolate_failures else None
+        try:
+            return (*self._encode_batch(batch, slots, levels, latents), {})
+        except Exception as e:
+            log.exception("encode step of %d sessions on %s failed", len(slots), self.name)
+            if saved is None:
+                return None, None, None, dict.fromkeys(range(len(slots)), e)
+        self._enc_streamer.restore_rows(idx, saved)
+        failed: dict[int, Exception] = {}
+        for i, slot in enumerate(slots):  # find the culprits, one session at a time
+            one = torch.tensor([slot], device=self.device)
+            row = [t[i:i + 1] for t in saved]
+            try:
+                self._encode_batch(batch[i:i + 1], [slot], levels, latents)
+            except Exception as err:
+                failed[i] = err
+            self._enc_streamer.restore_rows(one, row)
+        keep = [i for i in range(len(slots)) if i not in failed]
+        if not keep:
+            return None, None, None, failed
+        try:
+            out = self._encode_batch(batch[keep], [slots[i] for i in keep], levels, latents)
+        except Exception as e:  # failing only together: give up on this batch
+            return None, None, None, dict.fromkeys(range(len(slots)), e)
+        return (*out, failed)
 
     def _encode_batch(self, batch: np.ndarray, slots: list[int], levels: int,
                       latents: bool) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -342,8 +420,8 @@ class ModelEngine:
         slots = [s.slot for s in sessions]
         try:
             t0 = self.clock()
-            audio = await loop.run_in_executor(self._executor, self._decode_batch, batch, slots,
-                                               [c.shape[0] for c in codes])
+            audio = await self._in_executor(self._decode_batch, batch, slots,
+                                            [c.shape[0] for c in codes])
             t1 = self.clock()
         except Exception as e:
             self.stats.errors += 1

@@ -88,6 +88,7 @@ class EncoderSession:
         self.frames_emitted = 0  # frames whose tokens were delivered
         self.samples_in = 0  # input samples (per channel) accepted
         self.reset_pending = False  # model state to clear before the next step (after a flush)
+        self.segment_start = 0  # frame index where the current segment (fresh model state) began
         self.closed = False
         self.in_step = False
 
@@ -152,6 +153,7 @@ class EncoderSession:
             b = self.boundaries.popleft()
             done.append(b - 1 if b > 0 else None)
             self.reset_pending = True
+            self.segment_start = b
         return done
 
 
@@ -170,6 +172,7 @@ class DecoderSession:
         self.frames_taken = 0
         self.frames_emitted = 0
         self.reset_pending = False
+        self.segment_start = 0
         self.closed = False
         self.in_step = False
 
@@ -214,4 +217,5 @@ class DecoderSession:
             self.resampler.reset()
             done.append((b - 1 if b > 0 else None, tail))
             self.reset_pending = True
+            self.segment_start = b
         return done

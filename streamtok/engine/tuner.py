@@ -98,11 +98,15 @@ class ChunkTuner:
         """One batched step took ``seconds`` for ``frames`` frames (all sessions together)."""
         self.cost.add(frames, seconds)
 
+    def step_time(self, sessions: int, k: int) -> float:
+        """Predicted seconds of one step of ``sessions`` sessions x ``k`` frames."""
+        a, b = self.cost.fit()
+        return a + b * max(sessions, 1) * k
+
     def predict(self, sessions: int, k: int) -> tuple[float, bool]:
         """(predicted p95 latency, keeps up) for ``sessions`` live sessions at ``k`` frames/step."""
-        a, b = self.cost.fit()
         T = self.cfg.frame_period_s
-        step = a + b * max(sessions, 1) * k
+        step = self.step_time(sessions, k)
         keeps_up = step <= self.cfg.headroom * k * T
         return (k - 1) * T + step + self.cfg.margin_s, keeps_up
 
@@ -126,7 +130,13 @@ class ChunkTuner:
         elif feasible:
             best, why = feasible[0], "no step meets the target: smallest that keeps up"
         else:
-            best, why = ks[-1], "overloaded: no step keeps up"
+            # Nothing keeps up: bigger steps only help by the fixed cost they amortize, so take
+            # the smallest k whose load (step time / real time) is within 5% of the best one,
+            # not the largest k (which would add latency for nothing when the cost is per frame).
+            load = {k: self.step_time(sessions, k) / (k * self.cfg.frame_period_s) for k in ks}
+            floor = min(load.values())
+            best = next(k for k in ks if load[k] <= floor * 1.05)
+            why = "overloaded: no step keeps up"
         lat_now, up_now = preds.get(k_now, self.predict(sessions, k_now))
         if best > k_now:
             # Falling behind is urgent; being merely over target needs `patience` votes.
@@ -138,9 +148,11 @@ class ChunkTuner:
         if best < k_now:
             self._down_votes += 1
             self._up_votes = 0
-            # shrink only with margin: the smaller step must fit at 80% of the target
+            # shrink only with margin: a smaller step meeting the target must fit at 80% of it
+            # (no margin to ask for when none meets the target, e.g. under overload)
             lat_best, _ = preds[best]
-            if self._down_votes >= self.cfg.patience and lat_best <= 0.8 * self.cfg.target:
+            margin_ok = lat_best <= 0.8 * self.cfg.target or not good
+            if self._down_votes >= self.cfg.patience and margin_ok:
                 return self._commit(best, why, sessions)
             return self._record(k_now, f"holding ({self._down_votes}/{self.cfg.patience} to shrink)", sessions)
         self._up_votes = self._down_votes = 0

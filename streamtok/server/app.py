@@ -40,6 +40,7 @@ from streamtok.errors import AudioFormatError, BufferOverflowError, StreamtokErr
 from streamtok.models.base import Tokenizer
 from streamtok.models.registry import load_model
 from streamtok.server import protocol as P
+from streamtok.server.activation import inherited_socket
 from streamtok.server.config import ServerConfig
 from streamtok.server.metrics import ServerMetrics
 from streamtok.server.sdnotify import SdNotifier
@@ -517,8 +518,10 @@ class StreamtokServer:
         if cfg.certfile:
             ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ssl_ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+        sock = inherited_socket()  # systemd socket activation (streamtok.socket), else bind
         self.ws_server = await serve(
-            self._handler, cfg.host, cfg.port, process_request=self._http,
+            self._handler, None if sock else cfg.host, None if sock else cfg.port, sock=sock,
+            process_request=self._http,
             max_size=cfg.max_message_bytes + 64 * 1024, max_queue=64, compression=None,
             ssl=ssl_ctx, server_header=f"streamtok/{__version__}", ping_interval=20, ping_timeout=20)
         self.ready = True
@@ -579,8 +582,7 @@ class StreamtokServer:
 
     def stalled(self) -> bool:
         """An engine loop that has not come round for ``stall_timeout_s`` is stuck."""
-        now = self.clock()
-        return any(now - e.last_heartbeat > self.cfg.stall_timeout_s for e in self.engines.values())
+        return any(e.stalled(self.cfg.stall_timeout_s) for e in self.engines.values())
 
     def _broadcast_hint(self, model: str, decision: Decision) -> None:
         """Tell every session of ``model`` the new recommended send size."""
@@ -674,6 +676,7 @@ class StreamtokServer:
             return self._static(conn, "index.html" if path == "/" else path[len("/static/"):])
         if path == "/metrics":
             resp = conn.respond(http.HTTPStatus.OK, self.render_metrics())
+            del resp.headers["Content-Type"]  # Headers appends on assignment
             resp.headers["Content-Type"] = "text/plain; version=0.0.4"
             return resp
         return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
@@ -690,13 +693,17 @@ class StreamtokServer:
             path = root
         if root not in path.parents or not path.is_file():
             return conn.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        resp = conn.respond(http.HTTPStatus.OK, "")
         body = path.read_bytes()
-        resp = Response(resp.status_code, resp.reason_phrase, Headers(resp.headers), body)
-        resp.headers["Content-Type"] = self._TYPES.get(path.suffix, "application/octet-stream")
-        resp.headers["Content-Length"] = str(len(body))
-        resp.headers["Cache-Control"] = "no-cache"
-        return resp
+        resp = conn.respond(http.HTTPStatus.OK, "")
+        # websockets' Headers appends on assignment: drop respond()'s own Content-Type and
+        # Content-Length (0) first; browsers refuse two different Content-Length values.
+        headers = Headers(resp.headers)
+        del headers["Content-Type"]
+        del headers["Content-Length"]
+        headers["Content-Type"] = self._TYPES.get(path.suffix, "application/octet-stream")
+        headers["Content-Length"] = str(len(body))
+        headers["Cache-Control"] = "no-cache"
+        return Response(resp.status_code, resp.reason_phrase, headers, body)
 
     def render_metrics(self) -> str:
         sessions = {name: e.session_count for name, e in self.engines.items()}

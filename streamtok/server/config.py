@@ -68,10 +68,10 @@ class ServerConfig:
                 raise ConfigError(f"cannot read config {file}: {e}") from e
         env = os.environ if env is None else env
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for name in fields:
+        for name, f in fields.items():
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
-                values[name] = _from_env(name, raw, values.get(name, getattr(cls(), name)))
+                values[name] = _from_env(name, raw, str(f.type))
         values |= {k: v for k, v in (overrides or {}).items() if v is not None}
         unknown = set(values) - set(fields)
         if unknown:
@@ -92,21 +92,28 @@ class ServerConfig:
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.max_sessions < 1 or self.max_frames_per_step < 1:
             raise ConfigError("max_sessions and max_frames_per_step must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ConfigError("stall_timeout_s must be > 0")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("TLS needs both certfile and keyfile")
         if not self.models:
             raise ConfigError("serve at least one model")
 
 
-def _from_env(name: str, raw: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(current, int) and not isinstance(current, bool):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    if isinstance(current, list):
-        return [x.strip() for x in raw.split(",") if x.strip()]
-    if isinstance(current, dict):  # NAME=PATH,NAME=PATH
-        return dict(item.split("=", 1) for item in raw.split(",") if "=" in item)
+def _from_env(name: str, raw: str, annotation: str) -> Any:
+    """Parse ``STREAMTOK_<NAME>`` by the field's declared type (``int | None`` -> int, ...)."""
+    kind = annotation.replace(" ", "")
+    try:
+        if kind.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("list"):
+            return [x.strip() for x in raw.split(",") if x.strip()]
+        if kind.startswith("dict"):  # NAME=PATH,NAME=PATH
+            return dict(item.split("=", 1) for item in raw.split(",") if "=" in item)
+    except ValueError as e:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {e}") from e
     return raw

@@ -191,6 +191,19 @@ class Streamer:
         for key, t in expected.items():
             t[slot].copy_(data[key])
 
+    def snapshot(self, slots: Tensor) -> list[Tensor]:
+        """Copy the state rows of ``slots`` (to undo a failed step with :meth:`restore_rows`)."""
+        slots = slots.to(device=self.device, dtype=torch.long)
+        return [t.index_select(0, slots) for state in self.named_states.values()
+                for t in state.fields().values()]
+
+    def restore_rows(self, slots: Tensor, snapshot: list[Tensor]) -> None:
+        """Put back the rows saved by :meth:`snapshot` for the same ``slots``."""
+        slots = slots.to(device=self.device, dtype=torch.long)
+        tensors = [t for state in self.named_states.values() for t in state.fields().values()]
+        for t, saved in zip(tensors, snapshot, strict=True):
+            t.index_copy_(0, slots, saved)
+
     def state_bytes(self) -> int:
         """Total bytes of state held for all slots."""
         return sum(t.numel() * t.element_size()
