@@ -459,3 +459,22 @@ def test_reflect_padded_model_starts_with_enough_frames():
     assert not errors
     assert_same_codes(model, codes[:, :n_a], a, 16000, "f32le")
     assert_same_codes(model, codes[:, n_a:], b, 16000, "f32le")
+
+
+def test_rate_limit_slows_a_flood_without_losing_audio():
+    """Over the byte rate the server reads slower (backpressure): the flood takes at least the
+    time the limit implies, and every frame still arrives with the offline codes."""
+    audio = speech(3.0)  # 192 kB as f32
+
+    async def main():
+        async with running_server(max_bytes_per_s=100_000, rate_burst_s=0.2) as (server, url):
+            c = await StreamtokClient.connect(url, model="tiny", format="f32le")
+            t0 = asyncio.get_running_loop().time()
+            for i in range(0, len(audio), 4000):
+                await c.send_audio(audio[i:i + 4000])
+            await c.end()
+            return asyncio.get_running_loop().time() - t0, c.codes()
+
+    elapsed, codes = run(main())
+    assert elapsed >= (len(audio) * 4 - 20_000) / 100_000 * 0.9
+    assert_same_codes(TINY, codes, audio, 16000, "f32le")

@@ -77,6 +77,35 @@ def frames_from(res: FrameResults, first: int) -> FrameResults | None:
                         res.audio_complete[skip:], res.compute_start, res.compute_end)
 
 
+class RateLimiter:
+    """Token buckets for messages and bytes per second, with ``burst_s`` seconds of credit.
+
+    :meth:`take` returns how long to wait before reading the next message; the connection then
+    simply stops reading (the client's sends block), so a flood slows down and nothing is lost.
+    """
+
+    def __init__(self, messages_per_s: float, bytes_per_s: float, burst_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.rates = (messages_per_s, bytes_per_s)
+        self.capacity = (messages_per_s * burst_s, bytes_per_s * burst_s)
+        self.level = list(self.capacity)
+        self.clock = clock
+        self.last = clock()
+
+    def take(self, nbytes: int) -> float:
+        now = self.clock()
+        elapsed, self.last = now - self.last, now
+        wait = 0.0
+        for i, cost in enumerate((1.0, float(nbytes))):
+            rate = self.rates[i]
+            if rate <= 0:
+                continue
+            self.level[i] = min(self.capacity[i], self.level[i] + elapsed * rate) - cost
+            if self.level[i] < 0:
+                wait = max(wait, -self.level[i] / rate)
+        return wait
+
+
 class ResumableSession:
     """What outlives a dropped connection (session resume): the engine session, a replay buffer
     of the frames produced (until acknowledged), and what happened while no client was attached.
@@ -146,6 +175,7 @@ class Connection:
         self.queueing: deque[float] = deque(maxlen=512)  # audio complete -> compute start
         self.compute: deque[float] = deque(maxlen=128)  # step compute time
         self.closed = asyncio.Event()
+        self.throttled_s = 0.0  # time spent not reading because of the rate limits
         self.handle: ResumableSession | None = None  # encode sessions: survives reconnects
         self.failed = False
 
@@ -280,6 +310,8 @@ class Connection:
             self.server.connections.discard(self)
 
     async def _read_loop(self) -> None:
+        limiter = RateLimiter(self.cfg.max_messages_per_s, self.cfg.max_bytes_per_s,
+                              self.cfg.rate_burst_s, self.server.clock)
         while not self.closed.is_set():
             try:
                 data = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
@@ -288,6 +320,10 @@ class Connection:
                 return
             for event in self.proto.receive(data):
                 self._handle(event)
+            wait = limiter.take(len(data))
+            if wait > 0:  # over the rate: stop reading for a while (TCP backpressure, no loss)
+                self.throttled_s += wait
+                await asyncio.sleep(wait)
 
     def _handle(self, ev: Any) -> None:
         if isinstance(ev, P.AudioReceived):

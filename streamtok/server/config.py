@@ -38,6 +38,9 @@ class ServerConfig:
     max_message_bytes: int = 1 << 20
     max_frames_per_step: int = 16
     idle_timeout_s: float = 60.0
+    max_messages_per_s: float = 1000.0  # per connection; beyond it the server reads slower (0: off)
+    max_bytes_per_s: float = 8e6  # per connection, with rate_burst_s of credit (0: off)
+    rate_burst_s: float = 4.0
     buffer_seconds: float = 30.0  # per-session input backlog before `overloaded`
     send_queue_messages: int = 512  # per-connection output backlog before `slow_consumer`
     auth_token: str | None = None
