@@ -3,64 +3,23 @@ against a real server on loopback serving the random-weight ``tiny`` model (25 f
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from server_utils import server_thread
 
 from streamtok.audio.resample import resampled_length
-from streamtok.models.registry import load_model
-from streamtok.server.app import StreamtokServer
-from streamtok.server.config import ServerConfig
 from streamtok.tokenize_file import read_audio
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SPEECH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "speech" / "dev"
 STREAM_SECONDS = 4.0
-
-
-@contextlib.contextmanager
-def server_thread(**overrides) -> Iterator[StreamtokServer]:
-    """A real server with ``tiny`` on 127.0.0.1 (free port), its event loop in a thread, so
-    blocking code (the browser driver) can run in the test; always shut down."""
-    cfg = ServerConfig(**({"port": 0, "models": ["tiny"], "threads": 1} | overrides))
-    server = StreamtokServer(cfg, {"tiny": load_model("tiny")})
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(server.start())
-        except BaseException as e:  # reported to the test thread below
-            failure.append(e)
-            return
-        finally:
-            started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="streamtok-test-server", daemon=True)
-    thread.start()
-    started.wait(60)
-    if failure:
-        raise failure[0]
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def fake_microphone_wav(path: Path) -> Path:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from server_utils import server_thread as _server_thread
 
 from streamtok.audio.resample import resample, resampled_length
 from streamtok.client import StreamtokClient
@@ -68,37 +69,9 @@ def assert_offline_codes(codes: np.ndarray, audio: np.ndarray, rate: int, levels
 
 @contextlib.contextmanager
 def server_thread(**overrides) -> Iterator[str]:
-    """A real server with ``tiny`` on 127.0.0.1 (free port), its event loop in a thread, so a
-    client's blocking ``main()`` can run in the test; always shut down. Yields the URL."""
-    cfg = ServerConfig(**({"port": 0, "models": ["tiny"], "threads": 1} | overrides))
-    server = StreamtokServer(cfg, {"tiny": TINY})
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(server.start())
-        except BaseException as e:  # reported to the test thread below
-            failure.append(e)
-            return
-        finally:
-            started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="streamtok-test-server", daemon=True)
-    thread.start()
-    started.wait(60)
-    if failure:
-        raise failure[0]
-    try:
+    """The shared loopback server (tests/server_utils.py); yields its URL."""
+    with _server_thread(**overrides) as server:
         yield f"ws://127.0.0.1:{server.port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 @pytest.fixture(scope="module")

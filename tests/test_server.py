@@ -27,20 +27,16 @@ from streamtok.tokenize_file import decode_codes, encode_array, read_audio
 TINY = load_model("tiny")
 
 
-def _other_model() -> CausalCodec:
-    """A second, differently shaped random codec (24 kHz, 12.5 Hz) to serve beside tiny."""
-    torch.manual_seed(7)
-    cfg = CodecConfig.from_dict({
-        "name": "tiny24", "sample_rate": 24000,
-        "seanet": {"dimension": 16, "n_filters": 4, "ratios": [6, 5, 4, 4]},
-        "downsample": 2,
-        "quantizer": {"levels": 3, "codebook_size": 32, "codebook_dim": 8}})
-    model = CausalCodec(cfg)
+def random_codec(config: dict, seed: int, zero_bias: bool = True) -> CausalCodec:
+    """A seeded random codec whose codebooks are fitted to its own latents (non-degenerate);
+    without biases its latents follow the audio instead of a constant."""
+    torch.manual_seed(seed)
+    model = CausalCodec(CodecConfig.from_dict(config))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if zero_bias and name.endswith("bias"):
                 p.zero_()
-    x = torch.randn(4, 24000) * 0.1
+    x = torch.randn(4, model.card.sample_rate) * 0.1
     model.train()
     with torch.no_grad():
         for _ in range(5):
@@ -48,7 +44,12 @@ def _other_model() -> CausalCodec:
     return model.eval()
 
 
-TINY24 = _other_model()
+# A second, differently shaped codec (24 kHz, 12.5 Hz) to serve beside tiny.
+TINY24 = random_codec({
+    "name": "tiny24", "sample_rate": 24000,
+    "seanet": {"dimension": 16, "n_filters": 4, "ratios": [6, 5, 4, 4]},
+    "downsample": 2,
+    "quantizer": {"levels": 3, "codebook_size": 32, "codebook_dim": 8}}, seed=7)
 
 
 @contextlib.asynccontextmanager
@@ -415,19 +416,11 @@ def test_hint_stats_and_tuner_metrics():
 
 def _reflect_model() -> CausalCodec:
     """An EnCodec-shaped random codec (reflect padding, LSTM): its stream start needs several frames."""
-    torch.manual_seed(3)
-    cfg = CodecConfig.from_dict({
+    return random_codec({
         "name": "reflect", "sample_rate": 16000,
         "seanet": {"dimension": 16, "n_filters": 4, "ratios": [8, 5, 2], "lstm": 1,
                    "pad_mode": "reflect", "true_skip": False},
-        "quantizer": {"levels": 2, "codebook_size": 32, "codebook_dim": 16}})
-    model = CausalCodec(cfg)
-    x = torch.randn(4, 16000) * 0.1
-    model.train()
-    with torch.no_grad():
-        for _ in range(5):
-            model.quantizer(model.latents(x))
-    return model.eval()
+        "quantizer": {"levels": 2, "codebook_size": 32, "codebook_dim": 16}}, seed=3, zero_bias=False)
 
 
 def test_reflect_padded_model_starts_with_enough_frames():
