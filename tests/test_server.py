@@ -420,7 +420,7 @@ def _reflect_model() -> CausalCodec:
         "name": "reflect", "sample_rate": 16000,
         "seanet": {"dimension": 16, "n_filters": 4, "ratios": [8, 5, 2], "lstm": 1,
                    "pad_mode": "reflect", "true_skip": False},
-        "quantizer": {"levels": 2, "codebook_size": 32, "codebook_dim": 16}}, seed=3, zero_bias=False)
+        "quantizer": {"levels": 2, "codebook_size": 32, "codebook_dim": 16}}, seed=3)
 
 
 def test_reflect_padded_model_starts_with_enough_frames():
