@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_cmd_export)
 
     from streamtok.evaluation import add_eval_parser
+    from streamtok.training.ship import add_ship_parser
 
     add_eval_parser(sub)
+    add_ship_parser(sub)
 
     t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)")
     t.add_argument("--config", required=True, help="codec config JSON")
