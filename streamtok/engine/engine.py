@@ -307,11 +307,17 @@ class ModelEngine:
             plans += [(kind, n, keys) for n, keys in plan_steps(ready, self.max_frames_per_step)]
         if not plans:
             return False
+        planned = {"enc": dict(self.encoders), "dec": dict(self.decoders)}
         for kind, n, keys in plans:
+            # An earlier plan's step awaited the worker thread: a session planned here may have
+            # closed meanwhile (its slot freed, perhaps taken by a new session): skip it.
+            sessions = [s for s in (planned[kind][k] for k in keys) if not s.closed]
+            if not sessions:
+                continue
             if kind == "enc":
-                await self._encode(loop, n, [self.encoders[k] for k in keys])
+                await self._encode(loop, n, sessions)
             else:
-                await self._decode(loop, n, [self.decoders[k] for k in keys])
+                await self._decode(loop, n, sessions)
         self._check_flushed()
         return True
 

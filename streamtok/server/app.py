@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import http
 import logging
+import re
 import secrets
 import signal
 import ssl
@@ -30,6 +31,7 @@ from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from streamtok import __version__
@@ -49,6 +51,35 @@ log = logging.getLogger("streamtok.server")
 session_log = logging.getLogger("streamtok.session")
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+class RedactSecrets(logging.Filter):
+    """websockets logs at DEBUG each handshake's request line and headers and the first and
+    last bytes of every frame: keep bearer tokens (header or ``?token=``) and audio out."""
+
+    HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args:
+            if record.msg in ("< %s: %s", "> %s: %s") and str(args[0]).lower() in self.HEADERS:
+                record.args = (args[0], "[redacted]")
+            else:
+                record.args = tuple(_redacted(a) for a in args)
+        return True
+
+
+def _redacted(arg: Any) -> Any:
+    if isinstance(arg, Frame) and arg.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+        return f"{arg.opcode.name} [{len(arg.data)} bytes]"
+    if isinstance(arg, str) and "token=" in arg:
+        return re.sub(r"token=[^&#\s]*", "token=[redacted]", arg)
+    return arg
+
+
+REDACT_SECRETS = RedactSecrets()
+for _name in ("websockets.server", "websockets.client"):
+    logging.getLogger(_name).addFilter(REDACT_SECRETS)
 _CLOSE = object()  # writer-queue sentinel: close the connection after what is queued
 
 
@@ -289,6 +320,7 @@ class Connection:
     # -- incoming ------------------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self.writer())
+        peer_gone = False
         try:
             refusal = self.server.check_request(self.ws.request)
             if refusal is not None:
@@ -296,11 +328,13 @@ class Connection:
             else:
                 await self._read_loop()
         except ConnectionClosed:
-            pass
+            peer_gone = True  # the client closed or vanished: nothing queued can reach it
         finally:
             if not self._detach():
                 self._stop_session()
-            if not writer.done():
+            if peer_gone:
+                writer.cancel()
+            elif not writer.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.shutdown_timeout_s)
                 except (TimeoutError, ConnectionClosed):
@@ -711,6 +745,10 @@ class StreamtokServer:
         if path == "/" or path.startswith("/static/"):
             return self._static(conn, "index.html" if path == "/" else path[len("/static/"):])
         if path == "/metrics":
+            if self.cfg.protect_metrics and self.cfg.tokens and not self._authorized(request):
+                resp = conn.respond(http.HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="streamtok"'
+                return resp
             resp = conn.respond(http.HTTPStatus.OK, self.render_metrics())
             del resp.headers["Content-Type"]  # Headers appends on assignment
             resp.headers["Content-Type"] = "text/plain; version=0.0.4"

@@ -46,6 +46,7 @@ class ServerConfig:
     auth_token: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # more accepted tokens, one per client
     allowed_origins: list[str] = field(default_factory=list)  # empty: any Origin
+    protect_metrics: bool = False  # /metrics needs the bearer token too (when tokens are set)
     certfile: str | None = None
     keyfile: str | None = None
     shutdown_timeout_s: float = 10.0
