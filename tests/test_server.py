@@ -471,3 +471,17 @@ def test_rate_limit_slows_a_flood_without_losing_audio():
     elapsed, codes = run(main())
     assert elapsed >= (len(audio) * 4 - 20_000) / 100_000 * 0.9
     assert_same_codes(TINY, codes, audio, 16000, "f32le")
+
+
+def test_token_in_start_auth_is_accepted():
+    """Without a token on the upgrade request, `start.auth` may carry it; a wrong one is refused."""
+    good = START | {"auth": "s3cret"}
+    bad = START | {"auth": "nope"}
+
+    async def main():
+        async with running_server(auth_token="s3cret") as (_, url):
+            ok, _ = await _raw_session(url, [good, {"type": "end"}])
+            refused, close = await _raw_session(url, [bad])
+            return ok[0]["type"], refused[-1]["code"], close
+
+    assert run(main()) == ("ready", "unauthorized", 4401)

@@ -207,6 +207,8 @@ class Connection:
         self.compute: deque[float] = deque(maxlen=128)  # step compute time
         self.closed = asyncio.Event()
         self.throttled_s = 0.0  # time spent not reading because of the rate limits
+        self.auth_pending = False  # tokens required but none on the upgrade request
+        self.token = server.bearer(ws.request)  # what this client authenticated with
         self.handle: ResumableSession | None = None  # encode sessions: survives reconnects
         self.failed = False
 
@@ -323,6 +325,10 @@ class Connection:
         peer_gone = False
         try:
             refusal = self.server.check_request(self.ws.request)
+            if refusal is not None and refusal[0] is P.ErrorCode.UNAUTHORIZED \
+                    and not self.server.bearer(self.ws.request):
+                self.auth_pending = True  # no token on the upgrade: `start.auth` must carry it
+                refusal = None
             if refusal is not None:
                 self.fail(*refusal)
             else:
@@ -392,6 +398,11 @@ class Connection:
         if self.server.stalled():
             self.fail(P.ErrorCode.OVERLOADED, "the engine is not keeping up; try again later")
             return
+        if self.auth_pending:
+            if msg.auth is None or not self.server.token_ok(msg.auth):
+                self.fail(P.ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+                return
+            self.auth_pending, self.token = False, msg.auth
         if msg.resume is not None:
             self._resume(msg)
             return
@@ -421,7 +432,7 @@ class Connection:
         if isinstance(self.session, EncoderSession) and self.cfg.resume_grace_s > 0:
             token = secrets.token_urlsafe(24)
             frames = max(1, int(self.cfg.resume_buffer_s * engine.card.frame_rate))
-            self.handle = ResumableSession(token, self.server.identity(self.ws.request), msg,
+            self.handle = ResumableSession(token, self.server.identity(self.token), msg,
                                            self.session, engine, frames)
             self.handle.conn = self
             self.server.resumable[token] = self.handle
@@ -438,7 +449,7 @@ class Connection:
         why = None
         if handle is None or handle.failed or (handle.expires_at is not None and handle.expires_at < now):
             why = "unknown or expired resume token"
-        elif not hmac.compare_digest(handle.identity, self.server.identity(self.ws.request)):
+        elif not hmac.compare_digest(handle.identity, self.server.identity(self.token)):
             why = "resume token belongs to another identity"
         elif (msg.model, msg.sample_rate, msg.format, msg.channels) != (
                 handle.start.model, handle.start.sample_rate, handle.start.format, handle.start.channels):
@@ -668,9 +679,10 @@ class StreamtokServer:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    def identity(self, request: Request | None) -> str:
+    @staticmethod
+    def identity(token: str) -> str:
         """Who a connection is, for binding resume tokens: a hash of its bearer token."""
-        return hashlib.sha256(self.bearer(request).encode()).hexdigest()
+        return hashlib.sha256(token.encode()).hexdigest()
 
     def reap_detached(self) -> int:
         """Close resumable sessions whose grace period ran out; return how many."""
@@ -725,11 +737,14 @@ class StreamtokServer:
         return (query.get("token") or [""])[0]
 
     def _authorized(self, request: Request) -> bool:
+        return self.token_ok(self.bearer(request))
+
+    def token_ok(self, token: str) -> bool:
         """Constant-time compare against every configured token (no early exit)."""
-        given = self.bearer(request).encode()
+        given = token.encode()
         ok = False
-        for token in self.cfg.tokens:
-            ok |= hmac.compare_digest(given, token.encode())
+        for expected in self.cfg.tokens:
+            ok |= hmac.compare_digest(given, expected.encode())
         return ok
 
     def _http(self, conn: ServerConnection, request: Request) -> Response | None:
