@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import csv
 import datetime
+import importlib.metadata
 import json
 import math
 import multiprocessing as mp
@@ -504,14 +505,24 @@ def machine_info(threads: int) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    torch = "?"
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        torch = importlib.metadata.version("torch")  # the server's; not imported here
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch,
             "server_threads": threads, "load_average_1min_at_start": os.getloadavg()[0]}
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (for committed outputs)."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(REPO))
+    return str(path)
 
 
 def describe_machine(info: dict, other_cores: float, sep: str = "; ") -> str:
     return (f"{info['date'][:16].replace('T', ' ')}: {info['cpu']}, {info['cores']} cores, "
-            f"server torch threads {info['server_threads']}{sep}load average "
+            f"torch {info.get('torch', '?')}, server torch threads {info['server_threads']}{sep}load average "
             f"{info['load_average_1min_at_start']:.2f} at start, other processes used "
             f"{other_cores:.2f} cores on average while streaming")
 
@@ -638,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         f"the server's hint; latency = recv - send of the completing packet; "
         f"'behind' = a frame waited > {args.behind_ms:g} ms or never came; 'client late' = a "
         f"packet left > one frame after its capture time", "", table, "",
-        f"plot: {png}", f"total {wall:.0f} s"])
+        f"plot: {shown(png)}", f"total {wall:.0f} s"])
     print(text)
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": [asdict(r) for r in rows]},

@@ -58,6 +58,7 @@ from serve_load import (
     parse_levels,
     pct,
     run_phase,
+    shown,
 )
 
 LEVELS = (1, 4, 8, 12, 16, 24, 32)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         f"at 2x target ({2 * target_ms:g} ms): {'HOLDS' if ok2 else 'DOES NOT HOLD'}",
         *(f"  {w}" for w in why2), "",
         f"tuner decisions ({len(decisions)} changes, from the server log):", *decision_lines[:40],
-        "", f"plot: {png}", f"total {wall:.0f} s"])
+        "", f"plot: {shown(png)}", f"total {wall:.0f} s"])
     print(text)
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({
