@@ -94,7 +94,7 @@ class StreamtokClient:
         self._pongs: asyncio.Queue[float] = asyncio.Queue()
         self._ready = asyncio.get_running_loop().create_future()
         self._sent_samples = 0
-        self._send_times: list[tuple[int, float]] = []  # (model-rate sample count, send time)
+        self._send_times: deque[tuple[int, float]] = deque()  # (input samples sent so far, send time)
         self._reader = asyncio.create_task(self._read())
 
     # -- opening -------------------------------------------------------------------------------
@@ -334,10 +334,12 @@ class StreamtokClient:
             return
         card = self.ready.model
         need = (frame.index + 1) * card.frame_size * self.start_msg.sample_rate / card.sample_rate
-        for count, sent in self._send_times:
-            if count >= need - 1e-6:
-                self.stats.latencies.append(frame.received - sent)
-                return
+        # frames arrive in order, so packets that completed earlier frames are never needed again
+        while len(self._send_times) > 1 and self._send_times[0][0] < need - 1e-6:
+            self._send_times.popleft()
+        count, sent = self._send_times[0]
+        if count >= need - 1e-6:
+            self.stats.latencies.append(frame.received - sent)
 
     async def tokens(self) -> AsyncIterator[ReceivedFrame]:
         """Frames as they arrive, until the connection closes."""
