@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,18 +69,11 @@ class EngineStats:
 
     steps: int = 0
     frames: int = 0
-    step_seconds: list[float] = field(default_factory=list)  # recent step durations (bounded)
-    batch_sizes: list[int] = field(default_factory=list)
     errors: int = 0
 
     def record(self, seconds: float, batch: int, frames: int) -> None:
         self.steps += 1
         self.frames += frames
-        self.step_seconds.append(seconds)
-        self.batch_sizes.append(batch)
-        if len(self.step_seconds) > 4096:
-            del self.step_seconds[:2048]
-            del self.batch_sizes[:2048]
 
 
 HEARTBEAT_S = 1.0
