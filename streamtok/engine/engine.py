@@ -43,23 +43,28 @@ class CapacityError(StreamtokError):
     """No free slot: the engine already serves ``max_sessions`` sessions."""
 
 
-def plan_steps(ready: list[tuple[int, int]], max_frames: int) -> list[tuple[int, list[int]]]:
+def plan_steps(ready: list[tuple[int, int]], max_frames: int, catch_up: int = 4) -> list[tuple[int, list[int]]]:
     """Group sessions into batched steps.
 
-    ``ready`` holds ``(key, frames available)``; each session steps ``n`` frames where ``n`` is
-    the largest power of two ``<= min(available, max_frames)``, and sessions with the same ``n``
-    share one step. Live sessions (1 frame ready) thus step together every frame, while a
-    session with a backlog catches up in bigger steps without holding the others back.
+    ``ready`` holds ``(key, frames available)``. Every step pays a fixed cost, so the sessions
+    step together: each steps ``n`` frames, the largest power of two ``<=`` the fewest frames any
+    of them has (capped at ``max_frames``); a session with a few frames more keeps them for the
+    next step rather than splitting the batch. Only a session at least ``catch_up`` times ahead
+    of that (a backlog: a client that sent seconds at once, a stream that fell behind) steps on
+    its own, in the largest power-of-two step its backlog fills, so it catches up without holding
+    the others back.
 
-    >>> plan_steps([(1, 1), (2, 5), (3, 1), (4, 40)], max_frames=16)
-    [(1, [1, 3]), (4, [2]), (16, [4])]
+    >>> plan_steps([(1, 1), (2, 5), (3, 1), (4, 40), (5, 2)], max_frames=16)
+    [(1, [1, 3, 5]), (4, [2]), (16, [4])]
     """
+    avail = [(key, min(n, max_frames)) for key, n in ready if n >= 1]
+    if not avail:
+        return []
+    base = 1 << (min(n for _, n in avail).bit_length() - 1)
     groups: dict[int, list[int]] = {}
-    for key, avail in ready:
-        if avail < 1:
-            continue
-        n = 1 << (min(avail, max_frames).bit_length() - 1)
-        groups.setdefault(n, []).append(key)
+    for key, n in avail:
+        step = 1 << (n.bit_length() - 1) if n >= catch_up * base else base
+        groups.setdefault(step, []).append(key)
     return sorted(groups.items())
 
 
@@ -145,16 +150,32 @@ class ModelEngine:
         self._task = asyncio.create_task(self._run(), name=f"engine-{self.name}")
 
     def _warm_up(self) -> None:
+        """First steps (allocations, kernel choice), then timed steps at a few batch sizes: the
+        tuner's cost fit keeps them as anchors, so it knows the fixed and the per-frame cost of a
+        step before the first session arrives."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        latents = self.card.latent_dim is not None
+        first = self.first_step_frames
         with torch.inference_mode():
             streamer = self.model.encoder_streamer(1)
-            audio = torch.zeros(1, self.card.frame_size * self.first_step_frames, device=self.device)
+            audio = torch.zeros(1, self.card.frame_size * first, device=self.device)
             for _ in range(3):
-                out = self.model.encode_step(audio, streamer, None, None, self.card.latent_dim is not None)
+                out = self.model.encode_step(audio, streamer, None, None, latents)
             if self.card.can_decode and out.codes is not None:
                 dec = self.model.decoder_streamer(1)
                 self.model.decode_step(out.codes, dec, None)
+            for batch in sorted({1, min(4, self.max_sessions), min(16, self.max_sessions)}):
+                streamer = self.model.encoder_streamer(batch)
+                audio = torch.zeros(batch, self.card.frame_size * first, device=self.device)
+                self.model.encode_step(audio, streamer, None, None, latents)  # stream start
+                one = audio[:, : self.card.frame_size]
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    self.model.encode_step(one, streamer, None, None, latents)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.tuner.anchor_step(batch, time.perf_counter() - t0)
 
     async def stop(self) -> None:
         self._running = False
@@ -254,8 +275,10 @@ class ModelEngine:
         now = self.clock()
         if now - self._last_decision < self.decide_every_s:
             return
-        self._last_decision = now
-        decision = self.tuner.decide(len(self.encoders))
+        elapsed, self._last_decision = now - self._last_decision, now
+        k = self.tuner.frames_per_step
+        backlog = sum(max(0, s.frames_ready - k) for s in self.encoders.values() if not s.closed)
+        decision = self.tuner.decide(len(self.encoders), elapsed, backlog)
         if decision.changed:
             log.info("%s: %d frames per step, client hint %d ms (%s)", self.name,
                      decision.frames_per_step, decision.hint_ms, decision.reason)
@@ -347,6 +370,7 @@ class ModelEngine:
             times = [times[i] for i in keep]
             B = len(sessions)
         self._observe(t1 - t0, B, B * n)
+        self.tuner.observe_latency([t1 - t for ts in times for t in ts])
         for i, s in enumerate(sessions):
             s.in_step = False
             if s.closed:

@@ -438,7 +438,7 @@ class Connection:
             self.server.resumable[token] = self.handle
         self.send_message(P.ReadyMessage(
             session=self.sid, resume_token=token, model=wire_card(engine.card),
-            input_sample_rate=msg.sample_rate, send_hint_ms=engine.tuner.hint_ms(engine.frames_per_step),
+            input_sample_rate=msg.sample_rate, send_hint_ms=engine.tuner.hint_ms(),
             mode=msg.mode, outputs=outputs))
 
     def _resume(self, msg: P.StartMessage) -> None:
@@ -477,7 +477,7 @@ class Connection:
         self.send_message(P.ReadyMessage(
             session=self.sid, resume_token=handle.token, model=wire_card(card),
             input_sample_rate=msg.sample_rate,
-            send_hint_ms=self.engine.tuner.hint_ms(self.engine.frames_per_step), mode=msg.mode,
+            send_hint_ms=self.engine.tuner.hint_ms(), mode=msg.mode,
             outputs=P.resolve_outputs(handle.start.outputs, self.server.catalog[msg.model]),
             resumed=True, resume_sample=handle.session.samples_in))
         for res in handle.frames_after(msg.resume.last_frame):
@@ -799,13 +799,17 @@ class StreamtokServer:
         extra = ["# HELP streamtok_engine_steps_total Model steps run",
                  "# TYPE streamtok_engine_steps_total counter"]
         extra += [f'streamtok_engine_steps_total{{model="{n}"}} {e.stats.steps}' for n, e in self.engines.items()]
-        extra += ["# HELP streamtok_engine_frames_per_step Largest frames per step allowed",
+        extra += ["# HELP streamtok_engine_frames_per_step Frames a live session gathers per model step (the tuner's choice)",
                   "# TYPE streamtok_engine_frames_per_step gauge"]
         extra += [f'streamtok_engine_frames_per_step{{model="{n}"}} {e.frames_per_step}'
                   for n, e in self.engines.items()]
         extra += ["# HELP streamtok_client_hint_ms Recommended client send size",
                   "# TYPE streamtok_client_hint_ms gauge"]
-        extra += [f'streamtok_client_hint_ms{{model="{n}"}} {e.tuner.hint_ms(e.frames_per_step)}'
+        extra += [f'streamtok_client_hint_ms{{model="{n}"}} {e.tuner.hint_ms()}'
+                  for n, e in self.engines.items()]
+        extra += ["# HELP streamtok_engine_utilisation Share of the engine worker's time spent in "
+                  "model steps (recent window)", "# TYPE streamtok_engine_utilisation gauge"]
+        extra += [f'streamtok_engine_utilisation{{model="{n}"}} {e.tuner.utilisation()[0]:.4f}'
                   for n, e in self.engines.items()]
         extra += ["# HELP streamtok_backlog_frames Frames received but not yet sent, all sessions",
                   "# TYPE streamtok_backlog_frames gauge"]
