@@ -61,7 +61,7 @@ def test_any_chunking_equals_the_one_shot_resample_exactly(
     """Random chunkings, concatenated and flushed, equal resample() bit for bit."""
     x = noise(n, seed)
     np.testing.assert_array_equal(
-        stream_in_chunks(x, in_rate, out_rate, chunks), resample(x, in_rate, out_rate)
+        stream_in_chunks(x, in_rate, out_rate, chunks), resample(x, in_rate, out_rate, "HQ")
     )
 
 
@@ -70,7 +70,7 @@ def test_one_sample_chunks_equal_the_one_shot_resample_exactly(in_rate: int, out
     """Feeding one sample per call gives exactly the one-shot output."""
     x = noise(1500, seed=1)
     np.testing.assert_array_equal(
-        stream_in_chunks(x, in_rate, out_rate, [1]), resample(x, in_rate, out_rate)
+        stream_in_chunks(x, in_rate, out_rate, [1]), resample(x, in_rate, out_rate, "HQ")
     )
 
 
@@ -88,7 +88,7 @@ def test_one_shot_resample_equals_soxr_resample(in_rate: int, out_rate: int) -> 
     """The one-shot path gives the same samples as soxr's own one-shot soxr.resample."""
     x = noise(5000, seed=3)
     np.testing.assert_array_equal(
-        resample(x, in_rate, out_rate), soxr.resample(x, in_rate, out_rate)
+        resample(x, in_rate, out_rate, "HQ"), soxr.resample(x, in_rate, out_rate)
     )
 
 
@@ -109,7 +109,7 @@ def test_output_already_emitted_does_not_depend_on_later_input(n: int, m: int, s
     x = noise(n + m, seed)
     r = StreamingResampler(22050, 16000)
     head = r.process(x[:n])
-    np.testing.assert_array_equal(head, resample(x, 22050, 16000)[: len(head)])
+    np.testing.assert_array_equal(head, resample(x, 22050, 16000, "HQ")[: len(head)])
 
 
 @pytest.mark.parametrize(("in_rate", "out_rate"), PAIRS, ids=PAIR_IDS)
@@ -176,5 +176,5 @@ def test_after_flush_only_reset_and_then_it_is_a_fresh_stream(in_rate: int, out_
     r.reset()
     x = noise(700, seed=5)
     again = np.concatenate([r.process(x), r.flush()])
-    np.testing.assert_array_equal(again, resample(x, in_rate, out_rate))
+    np.testing.assert_array_equal(again, resample(x, in_rate, out_rate, "HQ"))
     assert r.samples_in == 700

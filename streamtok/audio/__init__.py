@@ -11,6 +11,7 @@ from streamtok.audio.pcm import (
     decode_pcm,
     encode_pcm,
 )
+from streamtok.audio.polyphase import PolyphaseResampler
 from streamtok.audio.resample import (
     MAX_INPUT_RATE,
     MIN_INPUT_RATE,
@@ -32,6 +33,7 @@ __all__ = [
     "MIN_INPUT_RATE",
     "OverflowPolicy",
     "PcmDecoder",
+    "PolyphaseResampler",
     "Quality",
     "RingBuffer",
     "SampleFormat",

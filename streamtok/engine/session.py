@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from streamtok.audio.pcm import PcmDecoder, SampleFormat, encode_pcm
-from streamtok.audio.resample import StreamingResampler
+from streamtok.audio.polyphase import PolyphaseResampler
 from streamtok.audio.ring import RingBuffer
 from streamtok.errors import AudioFormatError
 
@@ -78,7 +78,7 @@ class EncoderSession:
         self.id, self.slot, self.options, self.sink = session_id, slot, options, sink
         self.frame_size = frame_size
         self.pcm = PcmDecoder(fmt, channels)
-        self.resampler = StreamingResampler(input_rate, model_rate)
+        self.resampler = PolyphaseResampler(input_rate, model_rate)
         frames = max(2, int(buffer_seconds * model_rate / frame_size))
         self.ring = RingBuffer(frames * frame_size, frame_size, overflow="error")
         self.complete_times: collections.deque[float] = collections.deque()
@@ -164,7 +164,7 @@ class DecoderSession:
                  fmt: SampleFormat | str, sink: SessionSink, max_pending: int = 3000) -> None:
         self.id, self.slot, self.levels, self.sink = session_id, slot, levels, sink
         self.fmt = SampleFormat(fmt)
-        self.resampler = StreamingResampler(model_rate, output_rate)
+        self.resampler = PolyphaseResampler(model_rate, output_rate)
         self.pending: collections.deque[list[int]] = collections.deque()
         self.boundaries: collections.deque[int] = collections.deque()
         self.max_pending = max_pending
@@ -205,7 +205,7 @@ class DecoderSession:
         return start, codes
 
     def to_pcm(self, audio: np.ndarray) -> bytes:
-        """Model-rate audio ``[n]`` float32 -> client PCM (resampled; soxr may hold some back)."""
+        """Model-rate audio ``[n]`` float32 -> client PCM (resampled: the filter holds ~1.6 ms back)."""
         return encode_pcm(self.resampler.process(audio), self.fmt)
 
     def pop_flushed(self) -> list[tuple[int | None, bytes]]:
