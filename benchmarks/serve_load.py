@@ -62,15 +62,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "speech" / "dev"
 RESULTS_DIR = REPO / "benchmarks" / "results"
-RATE = 16000  # every file of the dev set is 16 kHz; sessions send at that rate
+RATE = 16000  # every file of the dev set is 16 kHz; sessions send at that rate unless --rate
 LEVELS = (1, 8, 32, 64, 128)
 QUICK_LEVELS = (1, 8)
 
 
 # -- the audio ----------------------------------------------------------------------------------
-def load_pool(data_dir: Path, seconds: float) -> np.ndarray:
+def load_pool(data_dir: Path, seconds: float, rate: int = RATE) -> np.ndarray:
     """At least ``seconds`` of speech from the dev set's manifest, in manifest order, joined:
-    float32 ``[n]`` at 16 kHz. Sessions read it at different offsets, wrapping round."""
+    float32 ``[n]`` at ``rate`` (resampled from 16 kHz when it differs). Sessions read it at
+    different offsets, wrapping round."""
     import soundfile as sf
 
     manifest = data_dir / "manifest.tsv"
@@ -88,7 +89,12 @@ def load_pool(data_dir: Path, seconds: float) -> np.ndarray:
             total += len(parts[-1])
             if total >= seconds * RATE:
                 break
-    return np.ascontiguousarray(np.concatenate(parts), np.float32)
+    pool = np.ascontiguousarray(np.concatenate(parts), np.float32)
+    if rate != RATE:
+        from streamtok.audio.resample import resample
+
+        pool = resample(pool, RATE, rate)
+    return pool
 
 
 # -- one client session ---------------------------------------------------------------------------
@@ -143,12 +149,13 @@ def _client_class():
 
 
 async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str, t0: float,
-                      drain_s: float) -> SessionRecord:
-    """Connect at ``t0 + plan.start_s``, stream ``plan.seconds`` of audio at real-time pace in
-    packets of the server's send hint (following ``hint`` messages), then ``end``."""
+                      drain_s: float, rate: int = RATE) -> SessionRecord:
+    """Connect at ``t0 + plan.start_s``, stream ``plan.seconds`` of audio (``pool`` at ``rate``)
+    at real-time pace in packets of the server's send hint (following ``hint`` messages), then
+    ``end``."""
     from streamtok.clients.timing import SendLog, frame_ready_sample, packet_samples
 
-    total = int(round(plan.seconds * RATE))
+    total = int(round(plan.seconds * rate))
     idx = (plan.offset + np.arange(total)) % len(pool)
     audio = pool[idx]
     await asyncio.sleep(max(0.0, t0 + plan.start_s - time.monotonic()))
@@ -157,7 +164,7 @@ async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str,
     start = time.monotonic()
     frame_ms = 40.0
     try:
-        client = await _client_class().connect(url, model=model, sample_rate=RATE, format="s16le",
+        client = await _client_class().connect(url, model=model, sample_rate=rate, format="s16le",
                                                  auto_resume=False)
         card = client.ready.model
         frame_ms = 1000.0 / card.frame_rate
@@ -165,8 +172,8 @@ async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str,
         pos = 0
         while pos < total:
             hint = client.send_hint_ms or round(frame_ms)
-            end = min(total, pos + packet_samples(hint, RATE))
-            due = start + end / RATE  # a live source has this packet once its last sample is in
+            end = min(total, pos + packet_samples(hint, rate))
+            due = start + end / rate  # a live source has this packet once its last sample is in
             wait = due - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -190,23 +197,23 @@ async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str,
     if client is not None and client.ready is not None:
         card = client.ready.model
         for i, f in enumerate(frames):
-            need = frame_ready_sample(f.index, card.frame_rate, card.delay_ms, RATE)
+            need = frame_ready_sample(f.index, card.frame_rate, card.delay_ms, rate)
             s = log.completed_at(need)
             recv[i] = f.received - t0
             sent[i] = (s if s is not None else np.nan) - t0
-            captured[i] = start + min(need, total) / RATE - t0
-    expected = math.ceil(total / RATE * 1000.0 / frame_ms)
+            captured[i] = start + min(need, total) / rate - t0
+    expected = math.ceil(total / rate * 1000.0 / frame_ms)
     return SessionRecord(plan.index, plan.start_s, plan.seconds, expected, recv, sent, captured,
                          slip, hint, error)
 
 
 async def _run_plans(plans: Sequence[SessionPlan], pool: np.ndarray, url: str, model: str,
-                     t0: float, drain_s: float) -> list[SessionRecord]:
-    return list(await asyncio.gather(*(run_session(p, pool, url, model, t0, drain_s) for p in plans)))
+                     t0: float, drain_s: float, rate: int) -> list[SessionRecord]:
+    return list(await asyncio.gather(*(run_session(p, pool, url, model, t0, drain_s, rate) for p in plans)))
 
 
 def worker_main(plans: list[SessionPlan], pool: np.ndarray, url: str, model: str, drain_s: float,
-                t0_value, go, ready_q, result_q) -> None:
+                rate: int, t0_value, go, ready_q, result_q) -> None:
     """A client process: say it is ready, wait for the common start time, run its sessions,
     send back their records."""
     with contextlib.suppress(ImportError):
@@ -216,7 +223,7 @@ def worker_main(plans: list[SessionPlan], pool: np.ndarray, url: str, model: str
     _client_class()  # import the client before the clock starts
     ready_q.put(os.getpid())
     go.wait()
-    records = asyncio.run(_run_plans(plans, pool, url, model, t0_value.value, drain_s))
+    records = asyncio.run(_run_plans(plans, pool, url, model, t0_value.value, drain_s, rate))
     result_q.put((os.getpid(), time.process_time(), records))
 
 
@@ -353,7 +360,7 @@ class PhaseResult:
 
 def run_phase(server: ServerProcess, plans: Sequence[SessionPlan], pool: np.ndarray,
               sessions_per_proc: int, drain_s: float, metrics_every_s: float = 1.0,
-              lead_s: float = 0.5) -> PhaseResult:
+              lead_s: float = 0.5, rate: int = RATE) -> PhaseResult:
     """Run ``plans`` in ``ceil(len / sessions_per_proc)`` client processes against ``server``,
     sampling CPU every 0.25 s and ``/metrics`` every ``metrics_every_s``."""
     ctx = mp.get_context("spawn")
@@ -362,7 +369,8 @@ def run_phase(server: ServerProcess, plans: Sequence[SessionPlan], pool: np.ndar
     t0_value, go = ctx.Value("d", 0.0), ctx.Event()
     ready_q, result_q = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=worker_main, daemon=True,
-                         args=(g, pool, server.url, server.model, drain_s, t0_value, go, ready_q, result_q))
+                         args=(g, pool, server.url, server.model, drain_s, rate, t0_value, go, ready_q,
+                               result_q))
              for g in groups]
     for p in procs:
         p.start()
@@ -593,6 +601,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="a session fell behind real time once a frame waited this long (default 500)")
     p.add_argument("--drain", type=float, default=15.0,
                    help="seconds to wait for the last tokens after a stream ends (default 15; tuner.py: 5)")
+    p.add_argument("--rate", type=int, default=RATE,
+                   help="sample rate the sessions send at (the dev set's 16 kHz speech is resampled "
+                        "to it first; default 16000; tuner.py: 48000, a microphone's rate)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -613,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args.threads) | {"model": args.model, "seconds": seconds, "levels": levels,
                                          "quick": args.quick, "stagger_s": args.stagger}
     wall0 = time.monotonic()
-    pool = load_pool(args.data, max(120.0, seconds * 4))
+    pool = load_pool(args.data, max(120.0, seconds * 4), args.rate)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serve_load_quick" if args.quick else "serve_load"
     server = ServerProcess(args.model, args.threads, max(levels), args.out / f"{stem}.server.log")
@@ -625,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in levels:
             plans = [SessionPlan(i, float(rng.uniform(0, args.stagger)), seconds,
                                  int(rng.integers(0, len(pool)))) for i in range(n)]
-            phase = run_phase(server, plans, pool, args.sessions_per_proc, args.drain)
+            phase = run_phase(server, plans, pool, args.sessions_per_proc, args.drain, rate=args.rate)
             row = summarize_level(n, phase, args.behind_ms / 1000, frame_s)
             rows.append(row)
             errs = sorted({r.error for r in phase.records if r.error})

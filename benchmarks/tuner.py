@@ -1,12 +1,17 @@
-"""The chunk tuner against fixed frames per step, under a ramp of real-time sessions.
+"""The chunk tuner against fixed chunk sizes, under a ramp of real-time sessions.
 
-For each configuration (the tuner on; frames per step pinned to 1, 2 and 4 through
-``STREAMTOK_PIN_FRAMES_PER_STEP``, i.e. ``pin_frames_per_step``) a fresh daemon is started
-(``streamtok --threads T serve``, a subprocess) and the load is ramped over loopback: sessions
-join in steps (``--levels``, default 1 -> 32), every ``--level-seconds``, and all keep streaming
-speech at real-time pace in packets of the server's send hint until the ramp ends. Each
-level is measured over its window minus the first ``--settle`` seconds (joins, tuner
-decisions).
+For each configuration (the tuner on; or both chunk sizes fixed: k = 1, 2 or 4 frames per step
+and packets of k frames, through ``STREAMTOK_PIN_FRAMES_PER_STEP`` and ``STREAMTOK_PIN_HINT_MS``)
+a fresh daemon is started (``streamtok --threads T serve``, a subprocess) and the load is ramped
+over loopback: sessions join in steps (``--levels``, default 1 -> 32), every
+``--level-seconds``, and all keep streaming speech at real-time pace in packets of the server's
+send hint until the ramp ends. Each level is measured over its window minus the first
+``--settle`` seconds (joins, tuner decisions).
+
+Sessions send 48 kHz audio by default (``--rate``; the dev set's 16 kHz speech resampled), as a
+microphone or a browser delivers it: its packets do not line up with the model's 16 kHz frames,
+so the packet size is a real trade-off (``--rate 16000`` makes every packet end on a frame
+boundary, where a smaller packet cannot help).
 
     python benchmarks/tuner.py                    # levels 1..32, 4 configurations x 2; about 7.5 min
     python benchmarks/tuner.py --quick            # levels 1, 8; about 1 min
@@ -14,10 +19,9 @@ decisions).
 
 Latency here is ``capture->recv`` (see ``serve_load.py``): receive time of a frame's tokens
 minus the time its last needed sample was captured by the simulated live source. It is the
-latency a user of a live stream sees, and what the tuner's own model predicts
-(``p95 ~ (k - 1) * T + step``): with k frames per step the server waits for k frames, and the
-send hint follows k, so that wait moves to the client and would be invisible to a latency
-measured from the packet's send time (``send->recv``, also in the table).
+latency a user of a live stream sees: it includes waiting for k frames when the engine steps k
+at once, and waiting for the packet that carries a frame's last sample to fill, which a
+latency measured from the packet's send time (``send->recv``, also in the table) hides.
 
 Each configuration runs ``--repeats`` times (default 2), in alternating order, each run with
 the same schedule; a level's numbers pool the frames of every run ("p95 per run" shows how far
@@ -83,6 +87,7 @@ class RampRow:
     server_cores: float
     other_cores: float
     frames_per_step: str  # the values /metrics showed in the window ("1", "1>2", ...; runs joined by /)
+    hint_ms: str  # the client send hint /metrics showed, likewise
     frames_per_model_step: float  # mean frames (all sessions) per model step, from /metrics
 
 
@@ -134,6 +139,7 @@ class LevelRun:
     server_cores: float
     other_cores: float
     ks: str
+    hints: str
     steps: float
     frames: float
 
@@ -158,6 +164,8 @@ def measure_levels(levels: list[int], level_s: float, settle_s: float, phase: Ph
         ms = [x.metrics for x in phase.samples if x.metrics and lo <= x.t <= hi]
         ks = [int(m["streamtok_engine_frames_per_step"]) for m in ms if "streamtok_engine_frames_per_step" in m]
         seen = ">".join(str(k) for i, k in enumerate(ks) if i == 0 or k != ks[i - 1]) or "-"
+        hs = [int(m["streamtok_client_hint_ms"]) for m in ms if "streamtok_client_hint_ms" in m]
+        hints = ">".join(str(h) for i, h in enumerate(hs) if i == 0 or h != hs[i - 1]) or "-"
         steps = frames = 0.0
         if len(ms) >= 2:
             steps = ms[-1].get("streamtok_engine_steps_total", 0) - ms[0].get("streamtok_engine_steps_total", 0)
@@ -165,7 +173,7 @@ def measure_levels(levels: list[int], level_s: float, settle_s: float, phase: Ph
         c = np.concatenate(cap) if cap else np.zeros(0)
         s = np.concatenate(send) if send else np.zeros(0)
         out.append(LevelRun(c[np.isfinite(c)], s[np.isfinite(s)], behind, cpu["server"],
-                            cpu["others"], seen, steps, frames))
+                            cpu["others"], seen, hints, steps, frames))
     return out
 
 
@@ -181,7 +189,7 @@ def summarize(config: str, levels: list[int], runs: list[list[LevelRun]]) -> lis
             config, n, int(c.size), pct(c, 50), pct(c, 95), pct(c, 99),
             "/".join(fmt(pct(x.capture, 95), 0) for x in per), pct(s, 95), sum(x.behind for x in per),
             float(np.mean([x.server_cores for x in per])), float(np.mean([x.other_cores for x in per])),
-            "/".join(x.ks for x in per), sum(x.frames for x in per) / steps if steps else math.nan))
+            "/".join(x.ks for x in per), "/".join(x.hints for x in per), sum(x.frames for x in per) / steps if steps else math.nan))
     return rows
 
 
@@ -226,8 +234,9 @@ def verdict(by_config: dict[str, list[RampRow]], light_frames: dict[str, np.ndar
     lo, hi = p95_difference(light_frames["tuner"], light_frames[best])
     interval = f"bootstrap 95% interval of the difference {lo:+.1f}..{hi:+.1f} ms"
     tuner_ks = set(by_config["tuner"][0].frames_per_step.split("/"))
-    if tuner_ks == {best.split("=")[1]}:
-        faster, why = False, (f"TIE: the tuner ran {best} at this load, the same setting, so it "
+    same_hint = set(by_config["tuner"][0].hint_ms.split("/")) == set(by_config[best][0].hint_ms.split("/"))
+    if tuner_ks == {best.split("=")[1]} and same_hint:
+        faster, why = False, (f"TIE: the tuner ran {best} with the same send hint at this load, so it "
                               f"cannot be lower; the gap is run-to-run drift ({interval})")
     elif hi < 0:
         faster, why = True, f"yes ({interval})"
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {','.join(CONFIGS)} (default all)")
     add_common_args(p)
-    p.set_defaults(drain=5.0)  # frames after the ramp's end are in no level's window
+    p.set_defaults(drain=5.0, rate=48000)  # frames after the ramp's end are in no level's window
     args = p.parse_args(argv)
     levels = args.levels or list(QUICK_LEVELS if args.quick else LEVELS)
     level_s = args.level_seconds or (5.0 if args.quick else 7.0)
@@ -331,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--settle must be shorter than --level-seconds")
 
     wall0 = time.monotonic()
-    info = machine_info(args.threads) | {"model": args.model, "levels": levels, "level_s": level_s,
+    info = machine_info(args.threads) | {"model": args.model, "rate": args.rate, "levels": levels, "level_s": level_s,
                                          "settle_s": settle_s, "target_ms": target_ms,
                                          "quick": args.quick, "repeats": args.repeats}
     ramp_s = len(levels) * level_s
-    pool = load_pool(args.data, max(120.0, ramp_s * 2))
+    pool = load_pool(args.data, max(120.0, ramp_s * 2), args.rate)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tuner_quick" if args.quick else "tuner"
     runs: dict[str, list[list[LevelRun]]] = {c: [] for c in configs}
@@ -345,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         # alternate the order, so a neighbour's load that drifts over the run hits every
         # configuration alike; every run streams the same schedule
         for c in configs if rep % 2 == 0 else configs[::-1]:
-            env = {} if c == "tuner" else {"STREAMTOK_PIN_FRAMES_PER_STEP": c.split("=")[1]}
+            # a fixed setting fixes both chunk sizes: k frames per step, packets of k frames
+            k = c.split("=")[1] if c != "tuner" else None
+            env = {} if k is None else {"STREAMTOK_PIN_FRAMES_PER_STEP": k,
+                                        "STREAMTOK_PIN_HINT_MS": str(round(int(k) * FRAME_S * 1000))}
             if args.target_ms:
                 env["STREAMTOK_LATENCY_TARGET_MS"] = f"{args.target_ms:g}"
             log = args.out / f"{stem}.{c}.run{rep}.server.log"
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready()
                 plans = ramp_plans(levels, level_s, min(1.0, level_s / 4), len(pool), rng)
                 wall_at_t0 = time.time() + 0.5  # run_phase starts the clock 0.5 s from now
-                phase = run_phase(server, plans, pool, args.sessions_per_proc, args.drain)
+                phase = run_phase(server, plans, pool, args.sessions_per_proc, args.drain, rate=args.rate)
             finally:
                 server.stop()
             measured = measure_levels(levels, level_s, settle_s, phase, args.behind_ms / 1000)
@@ -375,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     other_mean = float(np.nanmean(other)) if other else math.nan
     info |= {"wall_s": wall, "other_cores_mean": other_mean}
     head = ("config", "sessions", "p50 ms", "p95 ms", "p95 per run", "p99 ms", "p95 send->recv ms",
-            "behind", "server cores", "other cores", "k (metrics)", "frames/model step")
+            "behind", "server cores", "other cores", "k (metrics)", "hint ms (metrics)", "frames/model step")
     body = [(r.config, str(r.sessions), fmt(r.p50_ms), fmt(r.p95_ms), r.p95_runs, fmt(r.p99_ms),
              fmt(r.send_p95_ms), str(r.behind), fmt(r.server_cores, 2), fmt(r.other_cores, 2),
-             r.frames_per_step, fmt(r.frames_per_model_step))
+             r.frames_per_step, r.hint_ms, fmt(r.frames_per_model_step))
             for rows in by_config.values() for r in rows]
     table = markdown_table(head, body)
     def per_run(c: str, target: float) -> str:
@@ -402,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(by_config, decisions, tuner_samples, levels, level_s, target_ms, png, title)
     text = "\n".join([
         f"streamtok tuner benchmark, {describe_machine(info, other_mean)}{', QUICK run' if args.quick else ''}",
-        f"model {args.model}; ramp {','.join(map(str, levels))} sessions, {level_s:g} s per level "
+        f"model {args.model}; sessions send {args.rate} Hz audio; ramp {','.join(map(str, levels))} sessions, {level_s:g} s per level "
         f"(first {settle_s:g} s of each left out), {args.repeats} run(s) per configuration, "
         f"interleaved, frames pooled; latency = capture->recv; target {target_ms:g} ms; "
         f"'behind' = a frame waited > {args.behind_ms:g} ms or the session failed", "",

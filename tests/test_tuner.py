@@ -63,10 +63,10 @@ def test_light_load_keeps_one_frame_and_fine_packets_within_target():
 
 
 def test_busy_engine_asks_for_whole_step_packets():
-    """A busy worker (utilisation over heavy_load) makes the hint one whole step: fewer messages."""
+    """A busy worker (utilisation over heavy_load, 0.8) makes the hint one whole step: fewer messages."""
     res = simulate(linear(0.006, 0.0023), lambda t: 12, 10)
     last = res.last()
-    assert last.utilisation > 0.6 and last.hint_ms == round(1000 * T * last.frames_per_step)
+    assert last.utilisation > 0.8 and last.hint_ms == round(1000 * T * last.frames_per_step)
 
 
 def test_hint_comes_back_down_when_load_drops():

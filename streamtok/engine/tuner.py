@@ -59,8 +59,8 @@ class TunerConfig:
     better_margin: float = 0.1  # a setting is better when its p95 is lower by this share
     load_tolerance: float = 0.15  # a remembered measurement holds while sessions stay within this
     memory_s: float = 60.0  # ... and for at most this long
-    light_load: float = 0.35  # below this utilisation the hint is a quarter of a step ...
-    heavy_load: float = 0.6  # ... above this, one whole step
+    light_load: float = 0.5  # below this utilisation the hint is a quarter of a step ...
+    heavy_load: float = 0.8  # ... above this, one whole step
     min_hint_ms: int = 10
     pinned_frames_per_step: int | None = None  # operator pin
     pinned_hint_ms: int | None = None
