@@ -113,7 +113,10 @@ class ModelEngine:
         self._task: asyncio.Task | None = None
         self._running = False
         self._ids = itertools.count()
-        self._buf = np.zeros(max_frames_per_step * self.card.frame_size * max_sessions, np.float32)
+        # Input staging: on CUDA a page-locked buffer, so the copy to the device is asynchronous.
+        self._pinned = self.device.type == "cuda"
+        self._buf = torch.zeros(max_frames_per_step * self.card.frame_size * max_sessions,
+                                dtype=torch.float32, pin_memory=self._pinned).numpy()
         self.stats = EngineStats()
         self.last_heartbeat = clock()  # the loop comes round at least every HEARTBEAT_S
         self.step_started: float | None = None  # when the running model step began
@@ -423,10 +426,20 @@ class ModelEngine:
             audio = torch.from_numpy(batch).to(self.device, non_blocking=True)
             idx = torch.tensor(slots, device=self.device)
             out = self.model.encode_step(audio, self._enc_streamer, idx, levels or None, latents)
-            codes = out.codes.cpu().numpy() if (levels and out.codes is not None) else None
-            lat = out.latents.to(torch.float16).cpu().numpy() if (latents and out.latents is not None) else None
-            units = out.units.cpu().numpy() if out.units is not None else None
+            codes, lat, units = self._to_host(
+                out.codes if levels else None,
+                out.latents.to(torch.float16) if (latents and out.latents is not None) else None,
+                out.units)
         return codes, lat, units
+
+    def _to_host(self, *tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+        """Device tensors -> numpy, with one synchronisation per step on CUDA (all copies are
+        queued first), none of the per-tensor waits that ``.cpu()`` makes."""
+        if not self._pinned:
+            return [None if t is None else t.cpu().numpy() for t in tensors]
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+        torch.cuda.current_stream(self.device).synchronize()
+        return [None if t is None else t.numpy() for t in host]
 
     async def _decode(self, loop: asyncio.AbstractEventLoop, n: int, sessions: list[DecoderSession]) -> None:
         self._reset_pending(sessions, self._dec_streamer)
