@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import secrets
@@ -82,6 +83,25 @@ class EngineStats:
 
 
 HEARTBEAT_S = 1.0
+TRIM_EVERY_S = 5.0  # hand freed heap back to the OS at most this often, between steps
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS).
+
+    Each new batch shape makes torch/oneDNN allocate and free differently sized buffers; glibc
+    keeps the freed memory, so a server's RSS grows with every shape it has seen (measured: the
+    `default` model stepped over 100 shapes goes 263 -> 1100 MB, and stays at 340 MB with a
+    trim). Trimming now and then between steps returns it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 class ModelEngine:
@@ -132,6 +152,8 @@ class ModelEngine:
         self.isolate_failures = per_slot <= 256 * 1024
         self.decide_every_s = 0.5
         self._last_decision = clock()
+        self._last_trim = clock()
+        self._steps_at_trim = 0
 
     @property
     def first_step_frames(self) -> int:
@@ -297,10 +319,20 @@ class ModelEngine:
             if not did:
                 self._wake.clear()
                 self._check_flushed()
+                await self._maybe_trim(loop)
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=HEARTBEAT_S)
                 except TimeoutError:
                     pass  # heartbeat only: nothing runs while idle but this timer
+
+    async def _maybe_trim(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Between steps, at most every TRIM_EVERY_S and only after steps ran: malloc_trim on
+        the worker thread (it takes a few ms; the loop stays free meanwhile)."""
+        now = self.clock()
+        if _malloc_trim is None or self.stats.steps == self._steps_at_trim or now - self._last_trim < TRIM_EVERY_S:
+            return
+        self._last_trim, self._steps_at_trim = now, self.stats.steps
+        await loop.run_in_executor(self._executor, _malloc_trim, 0)
 
     async def _step_once(self, loop: asyncio.AbstractEventLoop) -> bool:
         k = self.tuner.frames_per_step
