@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streamtok.audio.pcm import encode_pcm
+from streamtok.clients.timing import SendLog, frame_ready_sample
 from streamtok.errors import StreamtokError
 from streamtok.server import protocol as P
 
@@ -93,8 +94,7 @@ class StreamtokClient:
         self._flushed: asyncio.Queue[int | None] = asyncio.Queue()
         self._pongs: asyncio.Queue[float] = asyncio.Queue()
         self._ready = asyncio.get_running_loop().create_future()
-        self._sent_samples = 0
-        self._send_times: deque[tuple[int, float]] = deque()  # (input samples sent so far, send time)
+        self._send_log = SendLog()  # input samples sent so far, and when: for frame latencies
         self._reader = asyncio.create_task(self._read())
 
     # -- opening -------------------------------------------------------------------------------
@@ -140,12 +140,12 @@ class StreamtokClient:
         step = max(1, MAX_PACKET_BYTES // block) * block  # stay under the server's message limit
         for i in range(0, len(data), step):
             part = data[i:i + step]
+            sent = self._send_log.samples
             if self.auto_resume:
-                self._history.append((self._sent_samples, part))
-                while self._history and self._history[0][0] < self._sent_samples - self._history_limit:
+                self._history.append((sent, part))
+                while self._history and self._history[0][0] < sent - self._history_limit:
                     self._history.popleft()
-            self._sent_samples += len(part) // block
-            self._send_times.append((self._sent_samples, time.monotonic()))
+            self._send_log.sent(len(part) // block, time.monotonic())
             await self._send(P.encode_client_message(P.AudioMessage(data=part)), audio=True)
         if not data:
             await self._send(P.encode_client_message(P.AudioMessage(data=b"")), audio=True)
@@ -329,16 +329,17 @@ class StreamtokClient:
             self.server_stats = dict(msg.values)
 
     def _record_latency(self, frame: ReceivedFrame) -> None:
-        """Latency = receive time - send time of the packet that completed the frame."""
-        if self.ready is None or not self._send_times:
+        """Latency = receive time - send time of the packet that completed the frame's input,
+        lookahead included (PROTOCOL.md §6). A frame that only a flush's padding completed has
+        none. Subclasses may override this (benchmarks time frames themselves)."""
+        if self.ready is None:
             return
         card = self.ready.model
-        need = (frame.index + 1) * card.frame_size * self.start_msg.sample_rate / card.sample_rate
+        need = frame_ready_sample(frame.index, card.frame_rate, card.delay_ms, self.start_msg.sample_rate)
+        sent = self._send_log.completed_at(need)  # None: not sent yet, the log is never closed
         # frames arrive in order, so packets that completed earlier frames are never needed again
-        while len(self._send_times) > 1 and self._send_times[0][0] < need - 1e-6:
-            self._send_times.popleft()
-        count, sent = self._send_times[0]
-        if count >= need - 1e-6:
+        self._send_log.forget_before(need)
+        if sent is not None:
             self.stats.latencies.append(frame.received - sent)
 
     async def tokens(self) -> AsyncIterator[ReceivedFrame]:

@@ -1,8 +1,12 @@
-"""Shared by the reference-parity tests: test audio, the near-tie code comparison, and streaming
-a model through a RingBuffer with random client packet splits."""
+"""Shared by the reference-parity tests: test audio, exercised random weights for a reference
+model (and copies of them to save), the near-tie code comparison and the checks built on it, and
+streaming a model through a RingBuffer with random client packet splits."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,56 @@ def noise(seconds: float, seed: int, rate: int = 24_000, scale: float = 0.1) -> 
 
 def whole_frames(x: np.ndarray, frame_size: int) -> np.ndarray:
     return x[: len(x) // frame_size * frame_size]
+
+
+def signals(speech_dir: Path, frame_size: int, speech_s: float, noise_s: float) -> dict[str, np.ndarray]:
+    """The test signals, whole frames at 24 kHz: ``"speech"`` (the dev set from its first file)
+    and ``"noise"`` (seed 1), ``[n] float32`` each."""
+    return {"speech": whole_frames(speech(speech_dir, speech_s), frame_size),
+            "noise": whole_frames(noise(noise_s, seed=1), frame_size)}
+
+
+def calibration_audio(speech_dir: Path, frame_size: int, speech_s: float, noise_s: float) -> Tensor:
+    """``[1, 1, n] float32``: other audio than :func:`signals` (speech from the 13th file on, then
+    noise of seed 99), whole frames, to fit a reference's codebooks on."""
+    x = np.concatenate([speech(speech_dir, speech_s, skip_files=12), noise(noise_s, seed=99)])
+    return torch.from_numpy(whole_frames(x, frame_size))[None, None]
+
+
+# -- reference weights ---------------------------------------------------------------------------
+
+def gaussian_like(x: Tensor, n: int, gen: torch.Generator) -> Tensor:
+    """``n`` vectors ``[n, D]`` drawn from a Gaussian with the mean and covariance of the rows of
+    ``x`` ``[T, D]``: codewords for a reference's random codebook.
+
+    Codewords copied from the data would memorise it: the residual of those frames vanishes
+    level by level, deep codebooks shrink towards 0 while other audio's residual does not, and
+    every deep decision becomes ill-conditioned (all codewords nearly equidistant)."""
+    x = x.double()
+    mean = x.mean(0)
+    cov = torch.cov(x.T) + 1e-9 * torch.eye(x.shape[1], dtype=x.dtype)
+    z = torch.randn(n, x.shape[1], generator=gen, dtype=x.dtype)
+    return (mean + z @ torch.linalg.cholesky(cov).T).float()
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The model's ``state_dict()`` as detached contiguous copies, ready to save in any layout."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> None:
+    """Both state dicts hold the same tensors, in the same order, bit for bit."""
+    for (k, a), b in zip(expected.state_dict().items(), actual.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@contextlib.contextmanager
+def recorded(path: Path) -> Iterator[dict[str, dict]]:
+    """A dict for a module's measurements, written to ``path`` as JSON at the end if not empty."""
+    results: dict[str, dict] = {}
+    yield results
+    if results:
+        path.write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
 # -- near-tie comparison ---------------------------------------------------------------------------
@@ -107,6 +161,30 @@ def compare_codes(chains: list[Chain], expected: Tensor, actual: Tensor, tol: fl
         excused += frame_ok
         failing += not frame_ok
     return FrameReport(identical, excused, failing, worst, failures)
+
+
+def check_codes(chains: list[Chain], expected: Tensor, actual: Tensor, what: str,
+                record: dict[str, dict] | None = None, key: str = "", frames: bool = False) -> None:
+    """Judge ``actual`` against ``expected`` codes (``[K, T]`` int64 each) with
+    :func:`compare_codes`, print the verdict, keep it in ``record[key]`` (with the frame count if
+    ``frames``), then fail unless the shapes agree and every frame is identical or a near-tie."""
+    report = compare_codes(chains, expected, actual)
+    print(f"{what}: {report}")
+    if record is not None:
+        record[key] = vars(report) | ({"frames": actual.shape[1]} if frames else {})
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert report.failing == 0, str(report)
+
+
+def check_decode(expected: Tensor, actual: Tensor, what: str, record: dict[str, dict], key: str,
+                 max_abs_error: float) -> None:
+    """Compare decoded audio (``[B, n] float32`` each): print and record the largest absolute
+    error, then fail unless the shapes agree and it is below ``max_abs_error``."""
+    err = float((actual - expected).abs().max())
+    print(f"{what}: max abs error {err:.2e} (reference peak {float(expected.abs().max()):.3f})")
+    record[key] = {"max_abs_error": err}
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert err < max_abs_error, f"{what}: max abs error {err:.2e}"
 
 
 # -- streaming -------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Clips are whole frames: at a partial last frame the reference reflect-pads the e
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import sys
 import types
@@ -31,7 +30,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from parity_utils import Chain, compare_codes, noise, speech, stream_encode, whole_frames
+from parity_utils import (
+    Chain,
+    assert_same_weights,
+    calibration_audio,
+    check_codes,
+    check_decode,
+    gaussian_like,
+    recorded,
+    signals,
+    state_copy,
+    stream_encode,
+)
 from safetensors.torch import save_file
 
 from streamtok.errors import ModelError, StreamingError
@@ -61,21 +71,11 @@ def import_encodec():
             del sys.modules["torchaudio"]
 
 
-def gaussian_like(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` vectors from a Gaussian with the rows of ``x``'s mean and covariance (codewords
-    copied from the data would memorise it and leave deep levels ill-conditioned)."""
-    x = x.double()
-    cov = torch.cov(x.T) + 1e-9 * torch.eye(x.shape[1], dtype=x.dtype)
-    z = torch.randn(n, x.shape[1], generator=gen, dtype=x.dtype)
-    return (x.mean(0) + z @ torch.linalg.cholesky(cov).T).float()
-
-
 # -- the reference, its weights in every layout, and the test audio --------------------------------
 
 @pytest.fixture(scope="module")
 def audio(speech_dir: Path) -> dict[str, np.ndarray]:
-    return {"speech": whole_frames(speech(speech_dir, 24.0), FRAME),
-            "noise": whole_frames(noise(10.0, seed=1), FRAME)}
+    return signals(speech_dir, FRAME, speech_s=24.0, noise_s=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,7 @@ def reference(speech_dir: Path):
                 m.weight_g.mul_(2.0)
             if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)) and m.bias is not None:
                 m.bias.mul_(0.1)
-        init = np.concatenate([speech(speech_dir, 12.0, skip_files=12), noise(4.0, seed=99)])
-        emb = ref.encoder(torch.from_numpy(whole_frames(init, FRAME))[None, None])
+        emb = ref.encoder(calibration_audio(speech_dir, FRAME, 12.0, 4.0))
         residual = emb[0].T  # [F, 128]
         gen = torch.Generator().manual_seed(1)
         for layer in ref.quantizer.vq.layers:
@@ -116,7 +115,7 @@ _TO_HF = [
 def files(reference, tmp_path_factory) -> dict[str, Path]:
     """The reference's weights written in each published layout."""
     root = tmp_path_factory.mktemp("encodec")
-    state = {k: v.detach().clone().contiguous() for k, v in reference.state_dict().items()}
+    state = state_copy(reference)
     out = {"encodec": root / PACKAGE_FILE}
     torch.save(state, out["encodec"])
     legacy = {}
@@ -148,10 +147,8 @@ def ref_out(reference, audio) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def record(artifacts_dir: Path):
-    results: dict[str, dict] = {}
-    yield results
-    if results:
-        (artifacts_dir / "parity_encodec.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    with recorded(artifacts_dir / "parity_encodec.json") as results:
+        yield results
 
 
 def ref_chains(ref, emb: torch.Tensor) -> list[Chain]:
@@ -169,8 +166,7 @@ def test_layout_files_load_in_the_reference_loaders(reference, files, audio, ref
         warnings.simplefilter("ignore")
         again = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
     again.load_state_dict(torch.load(files["encodec"], weights_only=True))
-    for (k, a), b in zip(reference.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
+    assert_same_weights(reference, again)
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     x = torch.from_numpy(audio["noise"][: 3 * 24_000])[None, None]
     with torch.no_grad():
@@ -182,9 +178,8 @@ def test_layout_files_load_in_the_reference_loaders(reference, files, audio, ref
         assert not info["missing_keys"] and not info["unexpected_keys"], (layout, info)
         with torch.no_grad():
             got = hf.eval().encode(x, bandwidth=24.0).audio_codes.reshape(-1, 32, expected.shape[-1])[0]
-        report = compare_codes(ref_chains(reference, emb), expected, got)
-        print(f"transformers' EncodecModel ({layout}) vs encodec, 3 s noise: {report}")
-        assert report.failing == 0, str(report)
+        check_codes(ref_chains(reference, emb), expected, got,
+                    f"transformers' EncodecModel ({layout}) vs encodec, 3 s noise")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -210,11 +205,9 @@ def test_offline_codes_match_encodec(reference, files, ref_out, record, layout, 
             fewer = load_encodec24(files[layout], n)
             assert fewer.num_levels == n
             codes = fewer.quantizer.encode(result.latents)[0]
-        report = compare_codes(chains, expected[0, :n], codes)
-        print(f"encodec24 {layout} {signal} {n} codebooks vs encodec offline: {report}")
-        record[f"offline/{layout}/{signal}/{n}"] = vars(report) | {"frames": codes.shape[1]}
-        assert codes.shape == (n, expected.shape[-1])
-        assert report.failing == 0, str(report)
+        check_codes(chains, expected[0, :n], codes,
+                    f"encodec24 {layout} {signal} {n} codebooks vs encodec offline",
+                    record, f"offline/{layout}/{signal}/{n}", frames=True)
 
 
 @pytest.mark.parametrize("signal", SIGNALS)
@@ -228,11 +221,8 @@ def test_streamed_codes_match_offline(files, audio, record, signal):
     offline = model.encode(torch.from_numpy(x)[None], latents=True)
     chains = [Chain(list(range(32)), offline.latents[0].T, [cb.embedding for cb in model.quantizer.codebooks])]
     for i, codes in enumerate(stream_encode(model, x, seeds=[21, 22])):
-        report = compare_codes(chains, offline.codes[0], codes)
-        print(f"encodec24 {signal} stream split {i} vs offline: {report}")
-        record[f"stream/{signal}/{i}"] = vars(report)
-        assert codes.shape == offline.codes[0].shape
-        assert report.failing == 0, str(report)
+        check_codes(chains, offline.codes[0], codes, f"encodec24 {signal} stream split {i} vs offline",
+                    record, f"stream/{signal}/{i}")
 
 
 def test_first_step_shorter_than_the_reflect_padding_is_refused(files):
@@ -250,13 +240,8 @@ def test_decode_matches_encodec(reference, files, ref_out, record, signal):
     for n in (32, 8):
         with torch.no_grad():
             expected = reference.decode([(codes[:, :n], None)])[:, 0]
-        got = model.decode(codes[:, :n])
-        err = float((got - expected).abs().max())
-        print(f"encodec24 decode {signal} {n} codebooks: max abs error {err:.2e} "
-              f"(reference peak {float(expected.abs().max()):.3f})")
-        record[f"decode/{signal}/{n}"] = {"max_abs_error": err}
-        assert got.shape == expected.shape
-        assert err < 1e-4
+        check_decode(expected, model.decode(codes[:, :n]), f"encodec24 decode {signal} {n} codebooks",
+                     record, f"decode/{signal}/{n}", max_abs_error=1e-4)
 
 
 # -- loading errors -----------------------------------------------------------------------------------

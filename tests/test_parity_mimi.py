@@ -22,14 +22,24 @@ identical / excused / failing frames are printed and written to ``artifacts/pari
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from parity_utils import Chain, compare_codes, noise, speech, stream_encode, whole_frames
+from parity_utils import (
+    Chain,
+    assert_same_weights,
+    calibration_audio,
+    check_codes,
+    check_decode,
+    gaussian_like,
+    recorded,
+    signals,
+    state_copy,
+    stream_encode,
+)
 from safetensors.torch import save_file
 
 from streamtok.errors import ModelError
@@ -62,8 +72,7 @@ def moshi_config() -> dict:
 
 @pytest.fixture(scope="module")
 def audio(speech_dir: Path) -> dict[str, np.ndarray]:
-    return {"speech": whole_frames(speech(speech_dir, 40.0), FRAME),
-            "noise": whole_frames(noise(32.0, seed=1), FRAME)}
+    return signals(speech_dir, FRAME, speech_s=40.0, noise_s=32.0)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +95,7 @@ def reference(speech_dir: Path):
                 p[: 2 * p.shape[1]].mul_(4.0)  # q and k rows: peaky attention
             elif name.endswith(".scale"):
                 p.uniform_(0.5, 1.0)  # layer scales: the transformer is not an identity
-        init = np.concatenate([speech(speech_dir, 20.0, skip_files=12), noise(8.0, seed=99)])
-        emb = ref._encode_to_unquantized_latent(torch.from_numpy(whole_frames(init, FRAME))[None, None])
+        emb = ref._encode_to_unquantized_latent(calibration_audio(speech_dir, FRAME, 20.0, 8.0))
         gen = torch.Generator().manual_seed(1)
         for rvq in (ref.quantizer.rvq_first, ref.quantizer.rvq_rest):
             residual = rvq.input_proj(emb)[0].T  # [F, D]
@@ -104,24 +112,11 @@ def reference(speech_dir: Path):
     return ref.eval()
 
 
-def gaussian_like(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` vectors drawn from a Gaussian with the mean and covariance of the rows of ``x``.
-
-    Codewords copied from the data would memorise it: the residual of those frames vanishes
-    level by level, deep codebooks shrink towards 0 while other audio's residual does not, and
-    every deep decision becomes ill-conditioned (all codewords nearly equidistant)."""
-    x = x.double()
-    mean = x.mean(0)
-    cov = torch.cov(x.T) + 1e-9 * torch.eye(x.shape[1], dtype=x.dtype)
-    z = torch.randn(n, x.shape[1], generator=gen, dtype=x.dtype)
-    return (mean + z @ torch.linalg.cholesky(cov).T).float()
-
-
 @pytest.fixture(scope="module")
 def files(reference, tmp_path_factory) -> dict[str, Path]:
     """The reference's weights written in each published layout."""
     root = tmp_path_factory.mktemp("mimi")
-    state = {k: v.detach().clone().contiguous() for k, v in reference.state_dict().items()}
+    state = state_copy(reference)
     out = {"moshi": root / "mimi_state_dict.pt"}
     torch.save(state, out["moshi"])
     kyutai = {re.sub(r"in_projs\.0\.weight$", "in_proj_weight",
@@ -183,10 +178,8 @@ def ref_out(reference, audio) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def record(artifacts_dir: Path):
-    results: dict[str, dict] = {}
-    yield results
-    if results:
-        (artifacts_dir / "parity_mimi.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    with recorded(artifacts_dir / "parity_mimi.json") as results:
+        yield results
 
 
 def ref_chains(ref, emb: torch.Tensor) -> list[Chain]:
@@ -219,9 +212,8 @@ def test_layout_files_load_in_the_reference_loaders(reference, files, audio):
     transformers' through ``MimiModel.from_pretrained`` (whose codes then match moshi's)."""
     from moshi.models import loaders
 
-    again = loaders.get_mimi(str(files["kyutai"]), mimi_config=moshi_config(), num_codebooks=32)
-    for (k, a), b in zip(reference.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
+    assert_same_weights(reference, loaders.get_mimi(str(files["kyutai"]), mimi_config=moshi_config(),
+                                                    num_codebooks=32))
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     hf_cfg = transformers.MimiConfig(
         hidden_size=128, num_filters=16, num_hidden_layers=2, intermediate_size=256,
@@ -236,9 +228,7 @@ def test_layout_files_load_in_the_reference_loaders(reference, files, audio):
         expected = reference.encode(x)[0]
         got = hf.eval().encode(x, num_quantizers=32).audio_codes[0]
         emb = reference._encode_to_unquantized_latent(x)
-    report = compare_codes(ref_chains(reference, emb), expected, got)
-    print(f"transformers' MimiModel vs moshi, 4 s noise: {report}")
-    assert report.failing == 0, str(report)
+    check_codes(ref_chains(reference, emb), expected, got, "transformers' MimiModel vs moshi, 4 s noise")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -267,11 +257,9 @@ def test_offline_codes_match_moshi(reference, files, ref_out, record, layout, si
             assert small.num_levels == n and [lvl.kind for lvl in small.card.levels][:2] == \
                 ["semantic", "acoustic"][:n]
             codes = small.quantizer.encode(result.latents)[0]
-        report = compare_codes(chains, expected[0, :n], codes)
-        print(f"mimi {layout} {signal} {n} codebooks vs moshi offline: {report}")
-        record[f"offline/{layout}/{signal}/{n}"] = vars(report) | {"frames": codes.shape[1]}
-        assert codes.shape == (n, expected.shape[-1])
-        assert report.failing == 0, str(report)
+        check_codes(chains, expected[0, :n], codes,
+                    f"mimi {layout} {signal} {n} codebooks vs moshi offline",
+                    record, f"offline/{layout}/{signal}/{n}", frames=True)
 
 
 @pytest.mark.parametrize("signal", SIGNALS)
@@ -283,11 +271,8 @@ def test_streamed_codes_match_offline(files, audio, record, signal):
     offline = model.encode(torch.from_numpy(x)[None], latents=True)
     chains = our_chains(model, offline.latents)
     for i, codes in enumerate(stream_encode(model, x, seeds=[11, 12])):
-        report = compare_codes(chains, offline.codes[0], codes)
-        print(f"mimi {signal} stream split {i} vs offline: {report}")
-        record[f"stream/{signal}/{i}"] = vars(report)
-        assert codes.shape == offline.codes[0].shape
-        assert report.failing == 0, str(report)
+        check_codes(chains, offline.codes[0], codes, f"mimi {signal} stream split {i} vs offline",
+                    record, f"stream/{signal}/{i}")
 
 
 @pytest.mark.parametrize("signal", SIGNALS)
@@ -298,13 +283,8 @@ def test_decode_matches_moshi(reference, files, ref_out, record, signal):
     for n in (32, 8):
         with torch.no_grad():
             expected = reference.decode(codes[:, :n])[:, 0]
-        got = model.decode(codes[:, :n])
-        err = float((got - expected).abs().max())
-        print(f"mimi decode {signal} {n} codebooks: max abs error {err:.2e} "
-              f"(reference peak {float(expected.abs().max()):.3f})")
-        record[f"decode/{signal}/{n}"] = {"max_abs_error": err}
-        assert got.shape == expected.shape
-        assert err < 1e-4
+        check_decode(expected, model.decode(codes[:, :n]), f"mimi decode {signal} {n} codebooks",
+                     record, f"decode/{signal}/{n}", max_abs_error=1e-4)
 
 
 def test_attention_window_binds(reference, ref_out, audio):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -35,9 +34,14 @@ from types import ModuleType
 from typing import Any, TextIO
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from streamtok.client import ReceivedFrame, ServerError, StreamtokClient
+from streamtok.client import ReceivedFrame, StreamtokClient
+from streamtok.clients.cli import (
+    SESSION_ERRORS,
+    add_server_arguments,
+    add_token_argument,
+    report_session_error,
+)
 from streamtok.clients.timing import (
     LatencySummary,
     SendLog,
@@ -48,8 +52,6 @@ from streamtok.clients.timing import (
 from streamtok.errors import StreamtokError
 from streamtok.server import protocol as P
 
-DEFAULT_URL = "ws://127.0.0.1:8765"
-TOKEN_ENV = "STREAMTOK_TOKEN"
 EXIT_NO_AUDIO = 2
 
 
@@ -452,8 +454,7 @@ def list_devices(sd: ModuleType) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamtok-mic",
                                 description="Tokenize the microphone live on a streamtok server.")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"server WebSocket URL (default {DEFAULT_URL})")
-    p.add_argument("--model", default="default", help="served model name (default: default)")
+    add_server_arguments(p)
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--device", default=None,
                    help="input device: index or name substring (default: the system's)")
@@ -461,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-ms", type=float, default=None,
                    help="milliseconds per packet (default: follow the server's hints)")
     p.add_argument("--codebooks", type=int, default=None, help="RVQ levels to ask for (default: all)")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
-                   help=f"bearer token (default: ${TOKEN_ENV})")
+    add_token_argument(p)
     p.add_argument("--play", action="store_true",
                    help="decode the tokens back to the speakers through a decode session")
     p.add_argument("--output-device", default=None, help="output device for --play")
@@ -491,12 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoAudioDevice as e:
         print(f"streamtok-mic: {e}", file=sys.stderr)
         return EXIT_NO_AUDIO
-    except ServerError as e:
-        print(f"streamtok-mic: server error {e}", file=sys.stderr)
-        return 1
-    except (StreamtokError, OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as e:
-        print(f"streamtok-mic: cannot stream to {args.url}: {e or type(e).__name__}", file=sys.stderr)
-        return 1
+    except SESSION_ERRORS as e:
+        return report_session_error(parser.prog, args.url, e)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("streamtok-mic: interrupted", file=sys.stderr)
         return 130

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -33,10 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed
 
 from streamtok.audio.resample import resample
-from streamtok.client import ReceivedFrame, ServerError, StreamtokClient
+from streamtok.client import ReceivedFrame, StreamtokClient
+from streamtok.clients.cli import (
+    DEFAULT_URL,
+    SESSION_ERRORS,
+    add_server_arguments,
+    add_token_argument,
+    report_session_error,
+)
 from streamtok.clients.timing import (
     LatencySummary,
     SendLog,
@@ -47,9 +53,6 @@ from streamtok.clients.timing import (
 from streamtok.errors import AudioFormatError, StreamtokError
 from streamtok.server import protocol as P
 from streamtok.tokenize_file import read_audio
-
-DEFAULT_URL = "ws://127.0.0.1:8765"
-TOKEN_ENV = "STREAMTOK_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamtok-stream",
         description="Stream audio files to a streamtok server; write the tokens; print latency.")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (any soundfile format)")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"server WebSocket URL (default {DEFAULT_URL})")
-    p.add_argument("--model", default="default", help="served model name (default: default)")
+    add_server_arguments(p)
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True,
                       help="send at real-time pace, as a live source would (default)")
@@ -278,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write tokens to .npz or .jsonl")
     p.add_argument("--codebooks", type=int, default=None, help="RVQ levels to ask for (default: all)")
     p.add_argument("--latents", action="store_true", help="also ask for latents (stored in the output)")
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
-                   help=f"bearer token (default: ${TOKEN_ENV})")
+    add_token_argument(p)
     p.add_argument("--max-ahead", type=float, default=5.0,
                    help="--fast: seconds of audio sent beyond the last frame received (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -310,12 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         results = asyncio.run(run_streams(jobs, opts))
-    except ServerError as e:
-        print(f"streamtok-stream: server error {e}", file=sys.stderr)
-        return 1
-    except (StreamtokError, OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as e:
-        print(f"streamtok-stream: cannot stream to {args.url}: {e or type(e).__name__}", file=sys.stderr)
-        return 1
+    except SESSION_ERRORS as e:
+        return report_session_error(parser.prog, args.url, e)
     except KeyboardInterrupt:
         print("streamtok-stream: interrupted", file=sys.stderr)
         return 130

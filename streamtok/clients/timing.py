@@ -30,10 +30,14 @@ def frame_ready_sample(index: int, frame_rate: float, delay_ms: float, input_rat
     2560
     >>> frame_ready_sample(0, 12.5, 80.0, 44100)   # 80 ms at 44.1 kHz = 3528 samples
     3528
+    >>> frame_ready_sample(51207, 25.0, 40.0, 16000)   # 34 minutes in: 51208 frames of 640, exactly
+    32773120
     """
-    seconds = index / frame_rate + delay_ms / 1000.0
-    # 1e-9 guards float rounding of an exact boundary (0.16 * 16000 = 2560.0000000000005).
-    return max(0, math.ceil(seconds * input_rate - 1e-9))
+    samples = (index / frame_rate + delay_ms / 1000.0) * input_rate
+    # The guard absorbs float rounding of an exact boundary (0.16 * 16000 = 2560.0000000000005).
+    # That error grows with the stream (a few 1e-16 of it), so the guard does too: a fixed 1e-9
+    # counted one sample too many after 6 minutes at 48 kHz.
+    return max(0, math.ceil(samples - 1e-9 - 1e-13 * samples))
 
 
 def packet_samples(ms: float, rate: int) -> int:
