@@ -17,7 +17,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        noise=args.noise, steps=args.steps, batch=args.batch,
                        segment_seconds=args.segment, lr=args.lr, threads=args.threads or 1,
                        device=args.device, adversarial_from=args.adversarial_from,
-                       val_every=args.val_every, ckpt_every=args.ckpt_every))
+                       val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init))
     return 0
 
 
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--val-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--init", help="weights to start from when OUT has no checkpoint (e.g. "
+                                   "streamtok/models/weights/default.safetensors on a new machine)")
     t.set_defaults(func=_cmd_train)
     return p
 

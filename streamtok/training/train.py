@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from streamtok.models.codec import CausalCodec, CodecConfig, count_parameters
-from streamtok.models.weights import save_codec
+from streamtok.models.weights import load_codec, read_metadata, save_codec
 from streamtok.training.data import Augmenter, SpeechCorpus
 from streamtok.training.discriminator import MultiScaleSTFTDiscriminator, adversarial_losses
 from streamtok.training.losses import MultiScaleMelLoss, log_mel_distance, si_sdr
@@ -46,6 +46,7 @@ class TrainOptions:
     adversarial_from: int | None = None  # step at which the discriminator joins (None: never)
     quantizer_dropout: float = 0.5
     seed: int = 0
+    init: str | None = None  # weights to start from when OUT has no checkpoint (e.g. the shipped ones)
 
 
 def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str, float]:
@@ -87,6 +88,13 @@ def train(opts: TrainOptions) -> None:
         opt_d.load_state_dict(ckpt["opt_d"])
         step, best = ckpt["step"], ckpt.get("best", math.inf)
         log.info("resumed from %s at step %d", ckpt_path, step)
+    elif opts.init:
+        # A new machine goes on from shipped weights: model only (fresh optimizer state), step
+        # count from the file's metadata so logs and the model card keep counting.
+        model.load_state_dict(load_codec(opts.init, cfg).state_dict())
+        model.to(device)
+        step = int(read_metadata(opts.init).get("step", 0))
+        log.info("initialised from %s (step %d)", opts.init, step)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
