@@ -63,6 +63,11 @@ class Transposed(nn.Module):
         return self.inner(x.transpose(1, 2)).transpose(1, 2)
 
 
+def matmul_steps(conv: StreamingConv1d) -> StreamingConv1d:
+    conv.matmul_steps = True
+    return conv
+
+
 # (id, factory, input channels, step unit in samples)
 LAYERS = [
     ("conv-k7", lambda: StreamingConv1d(3, 5, 7), 3, 1),
@@ -71,6 +76,11 @@ LAYERS = [
     ("conv-k3-d4", lambda: StreamingConv1d(3, 5, 3, dilation=4), 3, 1),
     ("conv-k16-s8-groups", lambda: StreamingConv1d(4, 8, 16, stride=8, groups=2), 4, 8),
     ("conv-replicate", lambda: StreamingConv1d(3, 5, 7, pad_mode="replicate"), 3, 1),
+    # short steps as one matrix product (as Mimi runs them): rounded differently, still exact to 1e-5
+    ("conv-k7-matmul", lambda: matmul_steps(StreamingConv1d(3, 5, 7)), 3, 1),
+    ("conv-k3-d4-matmul", lambda: matmul_steps(StreamingConv1d(3, 5, 3, dilation=4)), 3, 1),
+    ("conv-k8-s4-matmul", lambda: matmul_steps(StreamingConv1d(3, 5, 8, stride=4)), 3, 4),
+    ("conv-1-channel-matmul", lambda: matmul_steps(StreamingConv1d(1, 5, 7)), 1, 1),
     # reflect padding mirrors the stream's first samples: its first step needs > context samples
     ("conv-reflect-s2", lambda: StreamingConv1d(3, 5, 6, stride=2, pad_mode="reflect"), 3, 6),
     ("convtr-k8-s4", lambda: StreamingConvTranspose1d(5, 3, 8, stride=4), 5, 1),
@@ -80,6 +90,8 @@ LAYERS = [
     ("lstm", lambda: StreamingLSTM(6, num_layers=2), 6, 1),
     ("attention-ctx5", lambda: Transposed(StreamingMultiheadAttention(8, 2, context=5)), 8, 1),
     ("attention-norope", lambda: Transposed(StreamingMultiheadAttention(8, 2, 7, rope_max_period=None)), 8, 1),
+    # steps longer than max_step attend to the cache concatenated with their keys, not in place
+    ("attention-maxstep2", lambda: Transposed(StreamingMultiheadAttention(8, 2, 5, max_step=2)), 8, 1),
     ("transformer", lambda: StreamingTransformer(8, 2, 2, 16, context=6, layer_scale=1.0), 8, 1),
 ]
 
@@ -178,6 +190,48 @@ def test_export_restore_round_trip(factory, channels, unit):
         out_b = stream(layer, rest, [0, rest.shape[-1]], b, torch.tensor([2]))
         out_a = stream(layer, rest, [0, rest.shape[-1]], a, torch.tensor([1]))
     assert torch.equal(out_a, out_b)
+
+
+@pytest.mark.parametrize(("factory", "channels", "unit"), [case[1:] for case in LAYERS], ids=[case[0] for case in LAYERS])
+def test_consecutive_slots_step_like_gathered_slots(factory, channels, unit):
+    """Slots {1, 2} stepped as a run (their state updated in place through views) give the
+    outputs and states of the same slots stepped in the order {2, 1} (gathered and scattered)."""
+    torch.manual_seed(0)
+    layer = factory()
+    x = torch.randn(4, channels, unit * 12)
+    with torch.no_grad():
+        runs, gathered = Streamer(layer, 4), Streamer(layer, 4)
+        for streamer in (runs, gathered):
+            stream(layer, x[..., : unit * 4], [0, unit * 4], streamer)
+        cuts = [0, unit * 3, unit * 8]
+        a = stream(layer, x[1:3, :, unit * 4:], cuts, runs, torch.tensor([1, 2]))
+        b = stream(layer, x[[2, 1], :, unit * 4:], cuts, gathered, torch.tensor([2, 1]))
+    assert_rel_close(a, b[[1, 0]], rel=1e-6)
+    for slot in range(4):
+        ra, rb = runs.export(slot), gathered.export(slot)
+        for key, t in ra.items():
+            if t.is_floating_point() and t.numel():
+                assert_rel_close(t, rb[key], rel=1e-6)
+            else:
+                assert torch.equal(t, rb[key]), key
+
+
+def test_slot_selection_becomes_a_run_when_consecutive():
+    """All slots in order step as ``None``, a consecutive ascending run as a slice, others gathered."""
+    streamer = Streamer(StreamingConv1d(1, 1, 3), 4)
+    assert streamer._as_run(torch.arange(4)) is None
+    assert streamer._as_run(torch.tensor([1, 2, 3])) == slice(1, 4)
+    for rows in ([2, 1], [0, 2], [3, 4]):
+        assert isinstance(streamer._as_run(torch.tensor(rows)), torch.Tensor)
+
+
+def test_attention_differentiates_through_its_own_keys():
+    """Under autograd a short step (below ``max_step``) still sends gradients to its keys and values."""
+    torch.manual_seed(0)
+    attn = StreamingMultiheadAttention(8, 2, context=4)
+    attn(torch.randn(1, 3, 8))[:, -1].sum().backward()
+    grad = attn.in_proj.weight.grad
+    assert grad[8:16].abs().sum() > 0 and grad[16:].abs().sum() > 0  # key and value rows
 
 
 def test_restore_refuses_foreign_state():

@@ -121,6 +121,13 @@ class CausalCodec(nn.Module, Tokenizer):
         else:
             self.quantizer = ResidualVQ(dim, q.codebook_dim, q.levels, q.codebook_size, q.decay,
                                         q.metric)
+        if tr is not None:
+            # The transformer makes a stream equal its offline pass only to float rounding (its
+            # attention sums in a different order per step size), so the convs may as well take
+            # the faster matrix product for short steps; conv-only codecs stay bit-exact.
+            for m in self.modules():
+                if isinstance(m, StreamingConv1d):
+                    m.matmul_steps = True
         kinds = ["semantic" if i < q.semantic_levels else "acoustic" for i in range(q.levels)]
         self.card = ModelCard(
             name=cfg.name, sample_rate=cfg.sample_rate, frame_size=cfg.frame_size,

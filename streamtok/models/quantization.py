@@ -34,6 +34,7 @@ class EMACodebook(nn.Module):
         self.register_buffer("cluster_usage", torch.ones(size))
         self.register_buffer("initialized", torch.tensor(False))
         self._cache: tuple | None = None  # (embedding_sum, cluster_usage, their versions, codewords)
+        self._norms: tuple[Tensor, Tensor] | None = None  # (codewords, what encode() derives from them)
 
     @property
     def embedding(self) -> Tensor:
@@ -63,17 +64,43 @@ class EMACodebook(nn.Module):
             # As the references do: rows flattened to a contiguous [N, dim] first, since the
             # reduction order of |x|^2 (and so its rounding) depends on the memory layout.
             flat = x.reshape(-1, x.shape[-1]).contiguous()
-            if self.metric == "cdist":
+            if self.metric == "cdist" and self.size <= 25:
                 idx = torch.cdist(flat[None], emb[None], p=2.0)[0].argmin(-1)
+            elif self.metric == "cdist":
+                # torch.cdist's matrix-product form (what it runs for more than 25 codewords):
+                # [-2x, |x|^2, 1] . [c, 1, |c|^2], clamped at 0, square-rooted. The same ops on
+                # the same operands, so the same bits, without redoing the codebook's half.
+                norm = flat.pow(2).sum(-1, keepdim=True)
+                lhs = torch.cat([flat.mul(-2), norm, torch.ones_like(norm)], -1)
+                dist = lhs[None].matmul(self._derived(emb).mT)[0]
+                idx = dist.clamp_min_(0).sqrt_().argmin(-1)
             else:
                 e = emb.t()
                 idx = (-(flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e
-                         + e.pow(2).sum(0, keepdim=True))).max(dim=-1).indices
+                         + self._derived(emb))).max(dim=-1).indices
             return idx.view(x.shape[:-1])
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every c, and leaving it out
         # avoids cancelling a large term against small differences in float32.
-        dist = (emb * emb).sum(-1) - 2 * x @ emb.t()
+        dist = self._derived(emb) - 2 * x @ emb.t()
         return dist.argmin(-1)
+
+    def _derived(self, emb: Tensor) -> Tensor:
+        """What :meth:`encode` needs of the codewords ``emb`` besides them, kept while ``emb`` is
+        the same tensor: ``[1, size, dim + 2]`` ``[c, 1, |c|^2]`` ("cdist"), ``[1, size]``
+        ``|c|^2`` ("expanded", summed as EnCodec does) or ``[size]`` ``|c|^2`` ("l2")."""
+        cached = self._norms
+        if cached is not None and cached[0] is emb:
+            return cached[1]
+        if self.metric == "cdist":
+            norm = emb.pow(2).sum(-1, keepdim=True)
+            out = torch.cat([emb, torch.ones_like(norm), norm], -1)[None]
+        elif self.metric == "expanded":
+            out = emb.t().pow(2).sum(0, keepdim=True)
+        else:
+            out = (emb * emb).sum(-1)
+        if not torch.is_grad_enabled():
+            self._norms = (emb, out)
+        return out
 
     def decode(self, codes: Tensor) -> Tensor:
         """``[...]`` int64 -> ``[..., dim]`` codewords."""

@@ -43,16 +43,18 @@ class ResidualBlock(nn.Module):
     def __init__(self, dim: int, cfg: SEANetConfig, dilation: int) -> None:
         super().__init__()
         hidden = dim // cfg.compress
+        # The first ELU's input is also the skip's, so only the second may work in place (each
+        # in-place op saves a fresh activation buffer: at batch 64 they are tens of MB).
         self.block = nn.Sequential(
             nn.ELU(cfg.elu_alpha),
             StreamingConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation, pad_mode=cfg.pad_mode),
-            nn.ELU(cfg.elu_alpha),
+            nn.ELU(cfg.elu_alpha, inplace=True),
             StreamingConv1d(hidden, dim, 1, pad_mode=cfg.pad_mode),
         )
         self.shortcut = nn.Identity() if cfg.true_skip else StreamingConv1d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.shortcut(x) + self.block(x)
+        return self.block(x).add_(self.shortcut(x))  # the block's output is fresh: sum in place
 
 
 class SEANetEncoder(nn.Module):
@@ -66,7 +68,7 @@ class SEANetEncoder(nn.Module):
         for ratio in reversed(cfg.ratios):
             for j in range(cfg.n_residual_layers):
                 layers.append(ResidualBlock(mult * nf, cfg, cfg.dilation_base ** j))
-            layers += [nn.ELU(cfg.elu_alpha),
+            layers += [nn.ELU(cfg.elu_alpha, inplace=True),  # its input is always a fresh output
                        StreamingConv1d(mult * nf, mult * nf * 2, ratio * 2, stride=ratio, pad_mode=cfg.pad_mode)]
             mult *= 2
         if cfg.lstm:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -25,9 +26,11 @@ from torch import Tensor, nn
 
 from streamtok.errors import StreamingError
 
-Slots = Tensor | None
+Slots = Tensor | slice | None
 """Slot selection for a step: ``None`` = every slot, in order; else an int64 index tensor ``[B]``
-whose i-th entry is the slot that batch row i belongs to."""
+whose i-th entry is the slot that batch row i belongs to. Inside a step a run of consecutive
+slots arrives as a ``slice`` (see :meth:`Streamer.stepping`), so layers read and write views of
+their state instead of gathering and scattering rows."""
 
 
 @dataclasses.dataclass
@@ -42,11 +45,11 @@ class StreamState:
 
     def fields(self) -> dict[str, Tensor]:
         """Return the state's tensors by field name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
     @property
     def slots(self) -> int:
-        return next(iter(self.fields().values())).shape[0]
+        return getattr(self, _field_names(type(self))[0]).shape[0]
 
     def reset(self, slots: Slots = None) -> None:
         """Reset the chosen slots (all when ``None``) to the fresh-stream value, in place."""
@@ -58,9 +61,14 @@ class StreamState:
                 t[slots] = value
 
     def get(self, name: str, slots: Slots) -> Tensor:
-        """Field ``name`` for the stepped slots: a view when ``slots`` is None, else a gather."""
+        """Field ``name`` for the stepped slots: a view when ``slots`` is None or a slice, else a
+        gather (a copy)."""
         t = getattr(self, name)
-        return t if slots is None else t.index_select(0, slots)
+        if slots is None:
+            return t
+        if isinstance(slots, slice):
+            return t[slots]
+        return t.index_select(0, slots)
 
     def put(self, name: str, slots: Slots, value: Tensor) -> None:
         """Write ``value`` (``[B, ...]``) into field ``name`` for the stepped slots, in place."""
@@ -68,8 +76,15 @@ class StreamState:
         value = value.detach()
         if slots is None:
             t.copy_(value)
+        elif isinstance(slots, slice):
+            t[slots].copy_(value)
         else:
             t.index_copy_(0, slots, value.to(t.dtype))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 class StreamingModule(nn.Module):
@@ -87,13 +102,18 @@ class StreamingModule(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        state, slots = self.current_state(x)
+        return self.step(x, state, slots)
+
+    def current_state(self, x: Tensor) -> tuple[StreamState, Slots]:
+        """This layer's state and slot selection in the running step; outside one, a fresh zero
+        state for ``x``'s batch (the offline pass)."""
         active = _ACTIVE.get()
         if active is not None:
             state = active.states.get(id(self))
             if state is not None:
-                return self.step(x, state, active.slots)
-        state = self.init_state(x.shape[0], x.device, x.dtype)
-        return self.step(x, state, None)
+                return state, active.slots
+        return self.init_state(x.shape[0], x.device, x.dtype), None
 
 
 @dataclasses.dataclass
@@ -148,15 +168,32 @@ class Streamer:
         self._by_id = {id(self.layers[n]): s for n, s in self.named_states.items()}
 
     @contextlib.contextmanager
-    def stepping(self, slots: Slots = None) -> Iterator[None]:
-        """Run the model's streaming layers on this streamer's state for ``slots``."""
-        if slots is not None:
-            slots = slots.to(device=self.device, dtype=torch.long)
-        token = _ACTIVE.set(_ActiveStep(self._by_id, slots))
+    def stepping(self, slots: Tensor | None = None) -> Iterator[None]:
+        """Run the model's streaming layers on this streamer's state for ``slots``.
+
+        ``slots`` (int64 ``[B]``) that are consecutive and ascending reach the layers as a slice,
+        and all slots in order as ``None``: their state is stepped in place, with no gather.
+        """
+        token = _ACTIVE.set(_ActiveStep(self._by_id, self._as_run(slots)))
         try:
             yield
         finally:
             _ACTIVE.reset(token)
+
+    def _as_run(self, slots: Tensor | None) -> Slots:
+        """``slots`` as ``None`` (all, in order), a slice (a consecutive ascending run, e.g.
+        ``[1, 2]`` -> ``slice(1, 3)``) or an index tensor on the state's device."""
+        if slots is None:
+            return None
+        if isinstance(slots, slice):
+            raise StreamingError("pass slots as an index tensor; slices are internal to a step")
+        rows = slots.tolist()
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))) and rows[0] >= 0:
+            if rows[0] == 0 and len(rows) == self.num_slots:
+                return None
+            if rows[-1] < self.num_slots:
+                return slice(rows[0], rows[-1] + 1)
+        return slots.to(device=self.device, dtype=torch.long)
 
     def reset(self, slots: Slots = None) -> None:
         """Clear the chosen slots' state (all slots when ``None``); other slots are untouched."""
@@ -212,7 +249,12 @@ class Streamer:
 
 def slot_count(x: Tensor, state: StreamState, slots: Slots) -> None:
     """Check that a step's batch matches the slot selection (cheap, clear error otherwise)."""
-    expected = state.slots if slots is None else slots.shape[0]
+    if slots is None:
+        expected = state.slots
+    elif isinstance(slots, slice):
+        expected = slots.stop - slots.start
+    else:
+        expected = slots.shape[0]
     if x.shape[0] != expected:
         raise StreamingError(
             f"step input has batch {x.shape[0]} but {expected} slots were selected")
