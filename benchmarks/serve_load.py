@@ -153,7 +153,7 @@ async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str,
     """Connect at ``t0 + plan.start_s``, stream ``plan.seconds`` of audio (``pool`` at ``rate``)
     at real-time pace in packets of the server's send hint (following ``hint`` messages), then
     ``end``."""
-    from streamtok.clients.timing import SendLog, frame_ready_sample, packet_samples
+    from streamtok.clients.timing import SendLog, frame_ready_sample, packet_end, packet_samples
 
     total = int(round(plan.seconds * rate))
     idx = (plan.offset + np.arange(total)) % len(pool)
@@ -172,7 +172,7 @@ async def run_session(plan: SessionPlan, pool: np.ndarray, url: str, model: str,
         pos = 0
         while pos < total:
             hint = client.send_hint_ms or round(frame_ms)
-            end = min(total, pos + packet_samples(hint, rate))
+            end = min(total, packet_end(pos, packet_samples(hint, rate)))
             due = start + end / rate  # a live source has this packet once its last sample is in
             wait = due - time.monotonic()
             if wait > 0:

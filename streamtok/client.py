@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streamtok.audio.pcm import encode_pcm
-from streamtok.clients.timing import SendLog, frame_ready_sample
+from streamtok.clients.timing import SendLog, frame_ready_sample, packet_end
 from streamtok.errors import StreamtokError
 from streamtok.server import protocol as P
 
@@ -379,9 +379,9 @@ async def stream_array(url: str, audio: np.ndarray, sample_rate: int, packet_sam
     t0 = time.monotonic()
     start = 0
     while start < len(audio):
-        n = packet_samples or client.hint_samples()
-        await client.send_audio(audio[start:start + n])
-        start += n
+        end = packet_end(start, packet_samples or client.hint_samples())
+        await client.send_audio(audio[start:end])
+        start = end
         if realtime:
             ahead = t0 + start / sample_rate - time.monotonic()
             if ahead > 0:

@@ -46,6 +46,7 @@ from streamtok.clients.timing import (
     LatencySummary,
     SendLog,
     frame_ready_sample,
+    packet_end,
     packet_samples,
     supported_rate,
 )
@@ -160,6 +161,9 @@ class PacketAssembler:
     [(4, 1), (4, 1)]
     >>> a.pending, a.take_rest().shape
     (2, (2, 1))
+    >>> a.packet = 8                 # a new hint at sample 10: one short packet back onto its grid
+    >>> [p.shape[0] for p in a.push(np.zeros((20, 1), np.float32))]
+    [6, 8]
     """
 
     def __init__(self, channels: int, packet: int) -> None:
@@ -167,6 +171,7 @@ class PacketAssembler:
         self.packet = packet
         self._buf = np.zeros((max(4 * packet, 1024), channels), np.float32)
         self.pending = 0
+        self.cut = 0  # samples handed out as packets: packets end on multiples of `packet` from 0
 
     def push(self, block: np.ndarray) -> list[np.ndarray]:
         block = block.reshape(len(block), self.channels)
@@ -179,9 +184,13 @@ class PacketAssembler:
         self.pending = need
         packets = []
         start = 0
-        while self.pending - start >= self.packet:
-            packets.append(self._buf[start:start + self.packet].copy())
-            start += self.packet
+        while True:
+            size = packet_end(self.cut, self.packet) - self.cut  # shorter once after a resize
+            if self.pending - start < size:
+                break
+            packets.append(self._buf[start:start + size].copy())
+            start += size
+            self.cut += size
         if start:
             self._buf[: self.pending - start] = self._buf[start:self.pending]
             self.pending -= start
@@ -189,6 +198,7 @@ class PacketAssembler:
 
     def take_rest(self) -> np.ndarray:
         rest = self._buf[: self.pending].copy()
+        self.cut += self.pending
         self.pending = 0
         return rest
 

@@ -47,6 +47,7 @@ from streamtok.clients.timing import (
     LatencySummary,
     SendLog,
     frame_ready_sample,
+    packet_end,
     packet_samples,
     supported_rate,
 )
@@ -153,7 +154,7 @@ async def stream_session(client: StreamtokClient, job: StreamJob, opts: StreamOp
     pos = 0
     try:
         while pos < len(audio):
-            end = min(len(audio), pos + packet_samples(opts.chunk_ms or client.send_hint_ms or 40, rate))
+            end = min(len(audio), packet_end(pos, packet_samples(opts.chunk_ms or client.send_hint_ms or 40, rate)))
             if opts.realtime:
                 # A live source has this packet only once its last sample is captured.
                 ahead = t0 + end / rate - time.monotonic()
