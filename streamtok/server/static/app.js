@@ -246,10 +246,14 @@ function onCapture(chunk) {
   s.buffer.set(chunk, s.fill);
   s.fill += chunk.length;
   const packet = Math.max(1, Math.round((state.sendHintMs * state.inputRate) / 1000));
+  // Packets end on multiples of the packet size from the stream start, also after a hint
+  // changes it (one shorter packet), so a frame-sized hint keeps packets on frame boundaries.
   let start = 0;
-  while (s.fill - start >= packet) {
-    sendAudio(s.buffer.subarray(start, start + packet));
-    start += packet;
+  for (;;) {
+    const size = (Math.floor(state.samplesSent / packet) + 1) * packet - state.samplesSent;
+    if (s.fill - start < size) break;
+    sendAudio(s.buffer.subarray(start, start + size));
+    start += size;
   }
   if (start) {
     s.buffer.copyWithin(0, start, s.fill);
