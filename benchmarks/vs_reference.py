@@ -17,6 +17,7 @@ streamtok steps one 13.3 ms frame on carried state.
     python benchmarks/vs_reference.py                 # about 6-10 minutes on 1 thread
     python benchmarks/vs_reference.py --quick         # smoke run, about 3-4 minutes
     python benchmarks/vs_reference.py --threads 2 --json out.json
+    python benchmarks/vs_reference.py --device cuda   # on a GPU machine (rustymimi stays on the CPU)
 
 All references are optional: a missing one is reported and its columns left empty. Defaults to
 one torch thread (and ``RAYON_NUM_THREADS`` for rustymimi), as a busy machine needs.
@@ -45,6 +46,15 @@ BATCHES = (4, 16, 64)
 
 # -- timing --------------------------------------------------------------------------------------
 
+DEVICE = torch.device("cpu")  # --device; set once in main()
+
+
+def sync() -> None:
+    """Wait for the device: a CUDA step returns before its kernels finish."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def interleaved(steppers: dict[str, Callable[[], object]], min_steps: int, budget_s: float,
                 max_steps: int = 1000, warmup: int = 2) -> dict[str, list[float]]:
     """Milliseconds per call of each stepper, called in turn (rotating who goes first) so that a
@@ -60,6 +70,7 @@ def interleaved(steppers: dict[str, Callable[[], object]], min_steps: int, budge
         for name in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
             steppers[name]()
+            sync()
             times[name].append(1000.0 * (time.perf_counter() - t0))
         i += 1
     return times
@@ -95,8 +106,11 @@ def mimi_impls(codebooks: int, workdir: Path) -> dict[str, object]:
              v.detach().contiguous() for k, v in ref.state_dict().items()}
     path = workdir / "tokenizer-e351c8d8-checkpoint125.safetensors"
     save_file(state, str(path))
-    impls["moshi"] = ref.eval()
-    impls["streamtok"] = load_mimi(path, num_codebooks=codebooks)
+    impls["moshi"] = ref.eval().to(DEVICE)
+    impls["streamtok"] = load_mimi(path, num_codebooks=codebooks, device=str(DEVICE))
+    if DEVICE.type != "cpu":
+        print("rustymimi runs on the CPU only: its column stays empty", file=sys.stderr)
+        return impls
     try:
         import rustymimi
 
@@ -114,6 +128,8 @@ def mimi_steppers(name: str, impl, batch: int, codebooks: int, op: str) -> Calla
     frame = 1920
     x = 0.1 * torch.randn(batch, frame)
     codes = torch.randint(0, 2048, (batch, codebooks, 1))
+    if name != "rustymimi":
+        x, codes = x.to(DEVICE), codes.to(DEVICE)
     if name == "streamtok":
         if op == "encode":
             streamer = impl.encoder_streamer(batch)
@@ -201,26 +217,27 @@ def bench_encodec(args, workdir: Path) -> tuple[list[dict], list[dict]]:
     ref.set_target_bandwidth(6.0)
     path = workdir / "encodec_24khz-d7cc33bc.th"
     torch.save(ref.state_dict(), path)
-    ours = load_encodec24(path, num_codebooks=8)
+    ref.to(DEVICE)
+    ours = load_encodec24(path, num_codebooks=8, device=str(DEVICE))
     frame, frame_ms = 320, 1000 * 320 / 24_000
     window = int(args.window * 75) * frame
 
     def ours_stepper(batch: int, op: str) -> Callable[[], object]:
         if op == "encode":
             streamer = ours.encoder_streamer(batch)
-            ours.encode_step(0.1 * torch.randn(batch, 7 * frame), streamer)  # the reflect-padded start
-            x = 0.1 * torch.randn(batch, frame)
+            ours.encode_step(0.1 * torch.randn(batch, 7 * frame, device=DEVICE), streamer)  # the reflect-padded start
+            x = 0.1 * torch.randn(batch, frame, device=DEVICE)
             return lambda: ours.encode_step(x, streamer)
         streamer = ours.decoder_streamer(batch)
-        ours.decode_step(torch.randint(0, 1024, (batch, 8, 7)), streamer)
-        codes = torch.randint(0, 1024, (batch, 8, 1))
+        ours.decode_step(torch.randint(0, 1024, (batch, 8, 7), device=DEVICE), streamer)
+        codes = torch.randint(0, 1024, (batch, 8, 1), device=DEVICE)
         return lambda: ours.decode_step(codes, streamer)
 
     def ref_stepper(batch: int, op: str) -> Callable[[], object]:
         if op == "encode":
-            x = 0.1 * torch.randn(batch, 1, window)
+            x = 0.1 * torch.randn(batch, 1, window, device=DEVICE)
             return lambda: ref.encode(x)[0][0][..., -1:]
-        codes = torch.randint(0, 1024, (batch, 8, window // frame))
+        codes = torch.randint(0, 1024, (batch, 8, window // frame), device=DEVICE)
         return lambda: ref.decode([(codes, None)])[..., -frame:]
 
     lat_rows, cap_rows = [], []
@@ -287,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=1.0, help="EnCodec reference context, seconds")
     p.add_argument("--models", default="mimi,encodec24", help="comma-separated subset")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the rows here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where every implementation but rustymimi (CPU only) runs (default cpu)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     args.frames, args.budget = (20, 1.0) if args.quick else (150, 6.0)
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # before rustymimi loads
     torch.set_num_threads(args.threads)
@@ -301,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if "encodec24" in args.models:
             a, b = bench_encodec(args, Path(tmp))
             lat, cap = lat + a, cap + b
-    print(f"\nstreamtok vs reference implementations: torch {torch.__version__}, {args.threads} thread(s), "
+    where = f"{torch.cuda.get_device_name(DEVICE)}, " if DEVICE.type == "cuda" else ""
+    print(f"\nstreamtok vs reference implementations: {where}torch {torch.__version__}, {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.2f} of {os.cpu_count()} cores"
           f"{', QUICK run' if args.quick else ''}; Mimi {args.codebooks} codebooks, EnCodec 8 codebooks "
           f"(6 kbps), reference window {args.window:g} s\n")
