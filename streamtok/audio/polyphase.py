@@ -29,8 +29,7 @@ from math import ceil, gcd, pi
 
 import numpy as np
 
-from streamtok.audio.resample import MAX_INPUT_RATE, MIN_INPUT_RATE, _is_int, resampled_length
-from streamtok.errors import AudioFormatError, StreamingError
+from streamtok.audio.resample import StreamConverter, resampled_length
 
 STOPBAND_DB = 80.0  # attenuation from min(in_rate, out_rate) / 2 up
 PASSBAND_EDGE = 0.8  # end of the flat band, as a fraction of min(in_rate, out_rate) / 2
@@ -108,7 +107,7 @@ def _row_sums(p: np.ndarray) -> np.ndarray:
     return p[:, 0]
 
 
-class PolyphaseResampler:
+class PolyphaseResampler(StreamConverter):
     """Converts a mono float32 stream from ``in_rate`` (an int in ``MIN_INPUT_RATE..
     MAX_INPUT_RATE``, else :class:`AudioFormatError`) to ``out_rate`` (a positive int).
 
@@ -118,31 +117,15 @@ class PolyphaseResampler:
     chunking, and what was returned never changes.
     """
 
-    __slots__ = ("_in_rate", "_out_rate", "_filter", "_history", "_flushed", "_n_in", "_n_out")
+    __slots__ = ("_filter", "_history")
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
-        if not _is_int(in_rate) or not MIN_INPUT_RATE <= in_rate <= MAX_INPUT_RATE:
-            raise AudioFormatError(
-                f"input sample rate must be an int in {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, "
-                f"got {in_rate!r}"
-            )
-        if not _is_int(out_rate) or out_rate <= 0:
-            raise AudioFormatError(f"output sample rate must be a positive int, got {out_rate!r}")
-        self._in_rate = int(in_rate)
-        self._out_rate = int(out_rate)
+        super().__init__(in_rate, out_rate)
         g = gcd(self._in_rate, self._out_rate)
         self._filter = (
             None if in_rate == out_rate else design_filter(self._out_rate // g, self._in_rate // g)
         )
         self.reset()
-
-    @property
-    def in_rate(self) -> int:
-        return self._in_rate
-
-    @property
-    def out_rate(self) -> int:
-        return self._out_rate
 
     @property
     def passthrough(self) -> bool:
@@ -159,16 +142,6 @@ class PolyphaseResampler:
         """The same delay in seconds."""
         return self.delay_out_samples / self._out_rate
 
-    @property
-    def samples_in(self) -> int:
-        """Input samples processed since construction or the last reset."""
-        return self._n_in
-
-    @property
-    def samples_out(self) -> int:
-        """Output samples emitted since construction or the last reset."""
-        return self._n_out
-
     def process(self, x: np.ndarray) -> np.ndarray:
         """Push ``x`` (``[n] float32``, any ``n >= 0``); return every output sample now computable
         (``[m] float32``), i.e. all but the last ``delay_out_samples`` due so far.
@@ -177,12 +150,7 @@ class PolyphaseResampler:
             AudioFormatError: ``x`` is not a 1-D float32 array.
             StreamingError: called after :meth:`flush` without :meth:`reset`.
         """
-        if not isinstance(x, np.ndarray) or x.ndim != 1 or x.dtype != np.float32:
-            raise AudioFormatError(
-                "PolyphaseResampler.process takes a 1-D float32 array, got "
-                f"{type(x).__name__} {getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
-            )
-        self._check_open("process")
+        self._check_input(x)
         f = self._filter
         n_in = self._n_in + x.shape[0]
         y = x if f is None else self._emit(x, eager_output_count(n_in, f.up, f.down, f.delay))
@@ -235,6 +203,3 @@ class PolyphaseResampler:
             out[lo - self._n_out : lo - self._n_out + len(q)] = _row_sums(f.taps[r] * view[start])
         return out
 
-    def _check_open(self, what: str) -> None:
-        if self._flushed:
-            raise StreamingError(f"PolyphaseResampler.{what} after flush(); call reset() first")

@@ -46,7 +46,60 @@ def resampled_length(n_in: int, in_rate: int, out_rate: int) -> int:
     return (2 * n_in * out_rate + in_rate) // (2 * in_rate)
 
 
-class StreamingResampler:
+class StreamConverter:
+    """What both streaming resamplers share: rate checks, sample counters, the input check and
+    the state machine (:meth:`process` any number of times, ``flush`` once, then only
+    ``reset``). Subclasses set ``passthrough`` and implement process/flush/reset."""
+
+    __slots__ = ("_in_rate", "_out_rate", "_flushed", "_n_in", "_n_out")
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        if not _is_int(in_rate) or not MIN_INPUT_RATE <= in_rate <= MAX_INPUT_RATE:
+            raise AudioFormatError(
+                f"input sample rate must be an int in {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, "
+                f"got {in_rate!r}"
+            )
+        if not _is_int(out_rate) or out_rate <= 0:
+            raise AudioFormatError(f"output sample rate must be a positive int, got {out_rate!r}")
+        self._in_rate = int(in_rate)
+        self._out_rate = int(out_rate)
+        self._flushed = False
+        self._n_in = 0
+        self._n_out = 0
+
+    @property
+    def in_rate(self) -> int:
+        return self._in_rate
+
+    @property
+    def out_rate(self) -> int:
+        return self._out_rate
+
+    @property
+    def samples_in(self) -> int:
+        """Input samples processed since construction or the last reset."""
+        return self._n_in
+
+    @property
+    def samples_out(self) -> int:
+        """Output samples emitted since construction or the last reset."""
+        return self._n_out
+
+    def _check_input(self, x: np.ndarray) -> None:
+        """A 1-D float32 array (else AudioFormatError) while the stream is open."""
+        if not isinstance(x, np.ndarray) or x.ndim != 1 or x.dtype != np.float32:
+            raise AudioFormatError(
+                f"{type(self).__name__}.process takes a 1-D float32 array, got "
+                f"{type(x).__name__} {getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
+            )
+        self._check_open("process")
+
+    def _check_open(self, what: str) -> None:
+        if self._flushed:
+            raise StreamingError(f"{type(self).__name__}.{what} after flush(); call reset() first")
+
+
+class StreamingResampler(StreamConverter):
     """Converts a mono float32 stream from ``in_rate`` to ``out_rate``, chunk by chunk.
 
     The state machine is: :meth:`process` any number of times, then :meth:`flush` once to drain
@@ -64,52 +117,23 @@ class StreamingResampler:
         ValueError: unknown quality.
     """
 
-    __slots__ = ("_in_rate", "_out_rate", "_quality", "_stream", "_flushed", "_n_in", "_n_out")
+    __slots__ = ("_quality", "_stream")
 
     def __init__(self, in_rate: int, out_rate: int, quality: Quality = "HQ") -> None:
-        if not _is_int(in_rate) or not MIN_INPUT_RATE <= in_rate <= MAX_INPUT_RATE:
-            raise AudioFormatError(
-                f"input sample rate must be an int in {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, "
-                f"got {in_rate!r}"
-            )
-        if not _is_int(out_rate) or out_rate <= 0:
-            raise AudioFormatError(f"output sample rate must be a positive int, got {out_rate!r}")
+        super().__init__(in_rate, out_rate)
         if quality not in get_args(Quality):
             raise ValueError(f"quality must be one of {get_args(Quality)}, got {quality!r}")
-        self._in_rate = int(in_rate)
-        self._out_rate = int(out_rate)
         self._quality: Quality = quality
         self._stream = (
             None
             if in_rate == out_rate
             else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
         )
-        self._flushed = False
-        self._n_in = 0
-        self._n_out = 0
-
-    @property
-    def in_rate(self) -> int:
-        return self._in_rate
-
-    @property
-    def out_rate(self) -> int:
-        return self._out_rate
 
     @property
     def passthrough(self) -> bool:
         """True when the rates are equal and samples go through untouched."""
         return self._stream is None
-
-    @property
-    def samples_in(self) -> int:
-        """Input samples processed since construction or the last reset."""
-        return self._n_in
-
-    @property
-    def samples_out(self) -> int:
-        """Output samples emitted since construction or the last reset."""
-        return self._n_out
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Push ``x`` (``[n] float32``, any ``n >= 0``); return the output now ready
@@ -119,12 +143,7 @@ class StreamingResampler:
             AudioFormatError: ``x`` is not a 1-D float32 array.
             StreamingError: called after :meth:`flush` without :meth:`reset`.
         """
-        if not isinstance(x, np.ndarray) or x.ndim != 1 or x.dtype != np.float32:
-            raise AudioFormatError(
-                "StreamingResampler.process takes a 1-D float32 array, got "
-                f"{type(x).__name__} {getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
-            )
-        self._check_open("process")
+        self._check_input(x)
         y = x if self._stream is None else self._stream.resample_chunk(x)
         self._n_in += x.shape[0]
         self._n_out += y.shape[0]
@@ -153,10 +172,6 @@ class StreamingResampler:
         self._flushed = False
         self._n_in = 0
         self._n_out = 0
-
-    def _check_open(self, what: str) -> None:
-        if self._flushed:
-            raise StreamingError(f"StreamingResampler.{what} after flush(); call reset() first")
 
 
 def resample(x: np.ndarray, in_rate: int, out_rate: int,
