@@ -173,7 +173,6 @@ class ChunkTuner:
         self._intervals: deque[_Interval] = deque()
         self._memory: dict[int, _Memory] = {}
         self._clock = 0.0  # sum of elapsed_s: the tuner's own time
-        self.history: list[Decision] = []
 
     # -- inputs -----------------------------------------------------------------------------------
     def observe_step(self, frames: int, seconds: float) -> None:
@@ -209,11 +208,11 @@ class ChunkTuner:
         a, b = self.cost.fit()
         return a + b * frames
 
-    def hint_ms(self, k: int | None = None) -> int:
-        """Recommended client packet size for ``k`` frames per step (default: the current k)."""
+    def hint_ms(self) -> int:
+        """Recommended client packet size at the current frames per step and load."""
         if self.cfg.pinned_hint_ms is not None:
             return self.cfg.pinned_hint_ms
-        step_ms = 1000 * (k or self.frames_per_step) * self.cfg.frame_period_s
+        step_ms = 1000 * self.frames_per_step * self.cfg.frame_period_s
         if self._fine_hint:
             return max(self.cfg.min_hint_ms, min(round(step_ms / 4), round(step_ms)))
         return max(1, round(step_ms))
@@ -246,7 +245,7 @@ class ChunkTuner:
         self._behind_votes = self._behind_votes + 1 if growing else 0
         self._last_backlog = backlog_frames
         k = self.frames_per_step
-        u, _ = self.utilisation()
+        u, rate = self.utilisation()
         p95 = self.p95()
         behind = self._behind_votes >= self.cfg.patience
         if self.cfg.pinned_frames_per_step is not None:
@@ -295,7 +294,6 @@ class ChunkTuner:
                                           and below.p95_s < p95):
                 return self._hold(k, f"within target; {down} frames per step measured worse", p95, u, behind)
             a, _ = self.cost.fit()
-            _, rate = self.utilisation()
             if u + a * rate > self.cfg.headroom:  # halving k doubles the steps
                 return self._hold(k, "within target; a smaller step would not keep up", p95, u, behind)
             return self._vote(down, "within target: trying a smaller step", p95, u, behind)
@@ -327,8 +325,4 @@ class ChunkTuner:
         elif u > self.cfg.heavy_load:
             self._fine_hint = False
         hint = self.hint_ms()
-        d = Decision(k, hint, why, (k, hint) != before, p95, not behind and u <= self.cfg.headroom, u)
-        self.history.append(d)
-        if len(self.history) > 1024:
-            del self.history[:512]
-        return d
+        return Decision(k, hint, why, (k, hint) != before, p95, not behind and u <= self.cfg.headroom, u)
