@@ -13,7 +13,7 @@ import soxr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamtok.audio import StreamingResampler, resample, resampled_length
+from streamtok.audio import PolyphaseResampler, StreamingResampler, resample, resampled_length
 from streamtok.errors import AudioFormatError, StreamingError
 
 SETTINGS = settings(deadline=None, max_examples=30, derandomize=True, database=None)
@@ -132,18 +132,26 @@ def test_equal_rates_pass_samples_through_untouched() -> None:
     assert tail.shape == (0,) and tail.dtype == np.float32
 
 
+# Both streaming resamplers share their rate checks, input check and state machine
+# (streamtok.audio.resample.StreamConverter): the contract is tested on each.
+CONVERTERS = [(StreamingResampler, "HQ"), (PolyphaseResampler, "polyphase")]
+CONVERTER_IDS = ["soxr", "polyphase"]
+
+
+@pytest.mark.parametrize(("cls", "quality"), CONVERTERS, ids=CONVERTER_IDS)
 @pytest.mark.parametrize("in_rate", [7999, 48001, 96000, 16000.0, 0], ids=repr)
-def test_input_rate_outside_8k_48k_is_refused(in_rate: object) -> None:
+def test_input_rate_outside_8k_48k_is_refused(cls, quality, in_rate: object) -> None:
     """An input rate that is not an int in 8000..48000 is refused, naming it."""
     with pytest.raises(AudioFormatError, match=rf"8000\.\.48000 Hz, got {in_rate!r}"):
-        StreamingResampler(in_rate, 16000)  # type: ignore[arg-type]
+        cls(in_rate, 16000)
 
 
-@pytest.mark.parametrize("out_rate", [0, -16000, 16000.5], ids=repr)
-def test_non_positive_or_fractional_output_rate_is_refused(out_rate: object) -> None:
+@pytest.mark.parametrize(("cls", "quality"), CONVERTERS, ids=CONVERTER_IDS)
+@pytest.mark.parametrize("out_rate", [0, -16000, 16000.5, True], ids=repr)
+def test_non_positive_or_fractional_output_rate_is_refused(cls, quality, out_rate: object) -> None:
     """An output rate that is not a positive int is refused, naming it."""
     with pytest.raises(AudioFormatError, match=rf"got {out_rate!r}"):
-        StreamingResampler(16000, out_rate)  # type: ignore[arg-type]
+        cls(16000, out_rate)
 
 
 def test_unknown_quality_is_refused() -> None:
@@ -152,21 +160,25 @@ def test_unknown_quality_is_refused() -> None:
         StreamingResampler(16000, 24000, quality="best")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("cls", "quality"), CONVERTERS, ids=CONVERTER_IDS)
 @pytest.mark.parametrize(
-    "bad", [np.zeros(8, np.float64), np.zeros((8, 1), np.float32)], ids=["float64", "2-D"]
+    "bad",
+    [np.zeros(8, np.float64), np.zeros((8, 1), np.float32), [0.0] * 8],
+    ids=["float64", "2-D", "list"],
 )
-def test_process_refuses_anything_but_1d_float32(bad: np.ndarray) -> None:
-    """process takes only 1-D float32 samples."""
+def test_process_refuses_anything_but_1d_float32(cls, quality, bad: object) -> None:
+    """process takes only 1-D float32 arrays."""
     with pytest.raises(AudioFormatError, match="1-D float32"):
-        StreamingResampler(44100, 16000).process(bad)
+        cls(44100, 16000).process(bad)
 
 
+@pytest.mark.parametrize(("cls", "quality"), CONVERTERS, ids=CONVERTER_IDS)
 @pytest.mark.parametrize(
     ("in_rate", "out_rate"), [(44100, 16000), (16000, 16000)], ids=["44100->16000", "passthrough"]
 )
-def test_after_flush_only_reset_and_then_it_is_a_fresh_stream(in_rate: int, out_rate: int) -> None:
+def test_after_flush_only_reset_and_then_it_is_a_fresh_stream(cls, quality, in_rate: int, out_rate: int) -> None:
     """process/flush after flush raise; after reset a new signal resamples like a fresh stream."""
-    r = StreamingResampler(in_rate, out_rate)
+    r = cls(in_rate, out_rate)
     r.process(noise(500, seed=4))
     r.flush()
     with pytest.raises(StreamingError, match="reset"):
@@ -174,7 +186,8 @@ def test_after_flush_only_reset_and_then_it_is_a_fresh_stream(in_rate: int, out_
     with pytest.raises(StreamingError, match="reset"):
         r.flush()
     r.reset()
+    assert r.samples_in == r.samples_out == 0
     x = noise(700, seed=5)
-    again = np.concatenate([r.process(x), r.flush()])
-    np.testing.assert_array_equal(again, resample(x, in_rate, out_rate, "HQ"))
+    again = np.concatenate([r.process(x[:333]), r.process(x[333:]), r.flush()])
+    np.testing.assert_array_equal(again, resample(x, in_rate, out_rate, quality))
     assert r.samples_in == 700
