@@ -17,7 +17,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        noise=args.noise, steps=args.steps, batch=args.batch,
                        segment_seconds=args.segment, lr=args.lr, threads=args.threads or 1,
                        device=args.device, adversarial_from=args.adversarial_from,
-                       val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init))
+                       val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
+                       decay_from=args.decay_from, decay_steps=args.decay_steps,
+                       lr_min=args.lr_min))
     return 0
 
 
@@ -219,12 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--segment", type=float, default=1.0, help="seconds per training crop")
     t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--decay-from", type=int, default=None,
+                   help="step at which the learning rate starts a cosine decay (default: constant)")
+    t.add_argument("--decay-steps", type=int, default=10_000, help="length of that decay")
+    t.add_argument("--lr-min", type=float, default=3e-5, help="learning rate at its end and after")
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--val-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--init", help="weights to start from when OUT has no checkpoint (e.g. "
-                                   "streamtok/models/weights/default.safetensors on a new machine)")
+                                   "streamtok/models/weights/default.safetensors on a new machine); "
+                                   "the config may add layers to them (they start as initialised)")
     t.set_defaults(func=_cmd_train)
     return p
 

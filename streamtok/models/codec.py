@@ -39,6 +39,13 @@ class TransformerConfig:
     context: int = 64
     layer_scale: float | None = 0.01
     rope_max_period: float = 10_000.0
+    # "both": a transformer before the quantizer and one after it (Mimi); "decoder": only after it,
+    # so decoding gains context while the encoder, and so every code, is left as it was.
+    sides: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.sides not in ("both", "decoder"):
+            raise ModelError(f"transformer sides must be 'both' or 'decoder', got {self.sides!r}")
 
 
 @dataclass
@@ -100,7 +107,8 @@ class CausalCodec(nn.Module, Tokenizer):
         tr = cfg.transformer
         if tr is not None:
             args = (dim, tr.num_heads, tr.num_layers, tr.ff_dim, tr.context, tr.rope_max_period, tr.layer_scale)
-            self.encoder_transformer: nn.Module = StreamingTransformer(*args)
+            self.encoder_transformer: nn.Module = (StreamingTransformer(*args) if tr.sides == "both"
+                                                   else nn.Identity())
             self.decoder_transformer: nn.Module = StreamingTransformer(*args)
         else:
             self.encoder_transformer = nn.Identity()
@@ -123,9 +131,9 @@ class CausalCodec(nn.Module, Tokenizer):
                                         q.metric)
         if tr is not None:
             # The transformer makes a stream equal its offline pass only to float rounding (its
-            # attention sums in a different order per step size), so the convs may as well take
-            # the faster matrix product for short steps; conv-only codecs stay bit-exact.
-            for m in self.modules():
+            # attention sums in a different order per step size), so the convs of its sides may as
+            # well take the faster matrix product for short steps.
+            for m in (self if tr.sides == "both" else self.decoder).modules():
                 if isinstance(m, StreamingConv1d):
                     m.matmul_steps = True
         kinds = ["semantic" if i < q.semantic_levels else "acoustic" for i in range(q.levels)]

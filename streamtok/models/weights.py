@@ -81,3 +81,22 @@ def load_codec(path: str | Path, cfg: CodecConfig | None = None, device: str = "
                 mod.cluster_usage.fill_(1.0)
                 mod.initialized.fill_(True)
     return model.to(device).eval()
+
+
+def warm_start(model: CausalCodec, path: str | Path) -> list[str]:
+    """Copy every tensor of the codec in ``path`` into ``model``, which may have grown since.
+
+    The file's own config rebuilds its codec; ``model`` must hold all of its tensors with equal
+    shapes and may hold more (a layer added to a trained codec, e.g. a decoder transformer whose
+    layer scale starts it near the identity). Returns the names ``model`` has that the file
+    lacked; a tensor the file has and ``model`` lacks, or a shape change, is a :class:`ModelError`.
+    """
+    old = load_codec(path)
+    try:
+        missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ModelError(f"{path} does not fit the new config: {e}") from e
+    if unexpected:
+        raise ModelError(f"{path} holds tensors the new config has no place for: {unexpected[:5]}")
+    return [k for k in missing if not k.endswith(("embedding_sum", "cluster_usage", "initialized"))]
+

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from streamtok.models.codec import CausalCodec, CodecConfig, count_parameters
-from streamtok.models.weights import load_codec, read_metadata, save_codec
+from streamtok.models.weights import read_metadata, save_codec, warm_start
 from streamtok.training.data import Augmenter, SpeechCorpus
 from streamtok.training.discriminator import MultiScaleSTFTDiscriminator, adversarial_losses
 from streamtok.training.losses import MultiScaleMelLoss, log_mel_distance, si_sdr
@@ -47,6 +47,20 @@ class TrainOptions:
     quantizer_dropout: float = 0.5
     seed: int = 0
     init: str | None = None  # weights to start from when OUT has no checkpoint (e.g. the shipped ones)
+    decay_from: int | None = None  # step at which a cosine decay of the learning rate starts
+    decay_steps: int = 10_000
+    lr_min: float = 3e-5
+
+
+def learning_rate(opts: TrainOptions, step: int) -> float:
+    """``lr`` until ``decay_from``, then a cosine down to ``lr_min`` over ``decay_steps``, then flat.
+
+    A function of the step alone, so a resumed run takes up the schedule where it stopped.
+    """
+    if opts.decay_from is None or step < opts.decay_from:
+        return opts.lr
+    t = min(1.0, (step - opts.decay_from) / max(1, opts.decay_steps))
+    return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * t))
 
 
 def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str, float]:
@@ -90,11 +104,13 @@ def train(opts: TrainOptions) -> None:
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif opts.init:
         # A new machine goes on from shipped weights: model only (fresh optimizer state), step
-        # count from the file's metadata so logs and the model card keep counting.
-        model.load_state_dict(load_codec(opts.init, cfg).state_dict())
+        # count from the file's metadata so logs and the model card keep counting. The config may
+        # have grown (a layer added): those tensors start from their initialisation.
+        new = warm_start(model, opts.init)
         model.to(device)
         step = int(read_metadata(opts.init).get("step", 0))
-        log.info("initialised from %s (step %d)", opts.init, step)
+        log.info("initialised from %s (step %d)%s", opts.init, step,
+                 f"; new tensors: {len(new)}" if new else "")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
@@ -115,6 +131,9 @@ def train(opts: TrainOptions) -> None:
     model.train()
     bar = tqdm(total=opts.steps, initial=step, desc="train", dynamic_ncols=True)
     while step < opts.steps:
+        lr = learning_rate(opts, step)
+        for group in opt.param_groups + opt_d.param_groups:
+            group["lr"] = lr
         x = torch.from_numpy(aug.batch(opts.batch)).to(device)
         active = torch.full((opts.batch,), levels, device=device)
         drop = torch.rand(opts.batch, device=device) < opts.quantizer_dropout
@@ -144,7 +163,7 @@ def train(opts: TrainOptions) -> None:
         for k, v in (parts | {"gnorm": float(gnorm)}).items():
             acc[k] = acc.get(k, 0.0) + v
         if step % opts.log_every == 0:
-            row = {"step": step, "time": round(time.monotonic() - t0, 1)}
+            row = {"step": step, "time": round(time.monotonic() - t0, 1), "lr": lr}
             row |= {k: round(v / opts.log_every, 5) for k, v in acc.items()}
             acc.clear()
             logf.write(json.dumps(row) + "\n")
