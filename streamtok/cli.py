@@ -16,7 +16,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train(TrainOptions(config=args.config, data=args.data, out=args.out, val=args.val,
                        noise=args.noise, steps=args.steps, batch=args.batch,
                        segment_seconds=args.segment, lr=args.lr, threads=args.threads or 1,
-                       device=args.device, adversarial_from=args.adversarial_from,
+                       device=args.device, adversarial_from=args.adversarial_from, disc=args.disc,
+                       disc_batch=args.disc_batch,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
                        decay_from=args.decay_from, decay_steps=args.decay_steps,
                        lr_min=args.lr_min))
@@ -227,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-min", type=float, default=3e-5, help="learning rate at its end and after")
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
+    t.add_argument("--disc", default="mpd", choices=["mpd", "stft", "mpd+stft"],
+                   help="discriminator of the GAN phase: multi-period (cheap), multi-scale STFT, or both")
+    t.add_argument("--disc-batch", type=int, default=None,
+                   help="items of each batch the GAN losses see (default all; fewer saves CPU time)")
     t.add_argument("--val-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--init", help="weights to start from when OUT has no checkpoint (e.g. "

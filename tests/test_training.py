@@ -75,3 +75,25 @@ def test_init_goes_on_from_shipped_weights(corpus: Path, tmp_path: Path) -> None
     ref = load_codec(path).state_dict()
     conv = [k for k in ref if k.endswith("weight") and "quantizer" not in k]
     assert conv and all(torch.equal(trained[k], ref[k]) for k in conv)
+
+
+@pytest.mark.parametrize("kind", ["mpd", "stft"])
+def test_adversarial_phase_trains_the_discriminator(corpus: Path, tmp_path: Path, kind: str) -> None:
+    """From ``adversarial_from`` on, the generator sees GAN and feature losses and the
+    discriminator is stepped; a resume with another discriminator starts that one fresh."""
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=2, adversarial_from=2, disc=kind, disc_batch=1))
+    before = torch.load(out / "checkpoint.pt", weights_only=False)["disc"]
+    train(options(corpus, out, steps=4, adversarial_from=2, disc=kind, disc_batch=1))
+    rows = [r for r in log_rows(out) if "mel" in r]
+    assert "adv" not in rows[0] and "disc" not in rows[0]  # steps 1-2: reconstruction only
+    assert all(np.isfinite(rows[1][k]) and rows[1][k] > 0 for k in ("adv", "feat", "disc"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["disc_kind"] == kind
+    assert before.keys() == ckpt["disc"].keys()
+    assert any(not torch.equal(before[k], ckpt["disc"][k]) for k in before)
+
+    other = "stft" if kind == "mpd" else "mpd"
+    train(options(corpus, out, steps=6, adversarial_from=2, disc=other, disc_batch=1))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["disc_kind"] == other
+    assert [r["step"] for r in log_rows(out) if "disc" in r] == [4, 6]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from streamtok.models.codec import CausalCodec, CodecConfig, count_parameters
 from streamtok.models.weights import read_metadata, save_codec, warm_start
 from streamtok.training.data import Augmenter, SpeechCorpus
-from streamtok.training.discriminator import MultiScaleSTFTDiscriminator, adversarial_losses
+from streamtok.training.discriminator import adversarial_losses, build_discriminator
 from streamtok.training.losses import MultiScaleMelLoss, log_mel_distance, si_sdr
 
 log = logging.getLogger("streamtok.training")
@@ -44,6 +44,8 @@ class TrainOptions:
     val_every: int = 1000
     val_clips: int = 24
     adversarial_from: int | None = None  # step at which the discriminator joins (None: never)
+    disc: str = "mpd"  # which discriminator (see streamtok.training.discriminator)
+    disc_batch: int | None = None  # items of each batch the GAN losses see (None: all; saves CPU)
     quantizer_dropout: float = 0.5
     seed: int = 0
     init: str | None = None  # weights to start from when OUT has no checkpoint (e.g. the shipped ones)
@@ -87,7 +89,7 @@ def train(opts: TrainOptions) -> None:
     model = CausalCodec(cfg).to(device)
     log.info("model %s: %.2f M parameters, %d Hz, frame %d", cfg.name,
              count_parameters(model) / 1e6, cfg.sample_rate, cfg.frame_size)
-    disc = MultiScaleSTFTDiscriminator().to(device)
+    disc = build_discriminator(opts.disc).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
     mel_loss = MultiScaleMelLoss(cfg.sample_rate).to(device)
@@ -97,9 +99,13 @@ def train(opts: TrainOptions) -> None:
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        if ckpt.get("disc_kind", "stft") == opts.disc:
+            disc.load_state_dict(ckpt["disc"])
+            opt_d.load_state_dict(ckpt["opt_d"])
+        else:
+            log.info("discriminator changed (%s -> %s): it starts fresh", ckpt.get("disc_kind", "stft"),
+                     opts.disc)
         step, best = ckpt["step"], ckpt.get("best", math.inf)
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif opts.init:
@@ -145,7 +151,8 @@ def train(opts: TrainOptions) -> None:
         parts = {"mel": l_mel.item(), "l1": l_time.item(), "commit": q.commit_loss.item()}
         adversarial = opts.adversarial_from is not None and step >= opts.adversarial_from
         if adversarial:
-            l_adv, l_feat = adversarial_losses(disc, y, x)
+            yd, xd = y[:opts.disc_batch], x[:opts.disc_batch]
+            l_adv, l_feat = adversarial_losses(disc, yd, xd)
             loss = loss + 0.5 * l_adv + 1.0 * l_feat
             parts |= {"adv": l_adv.item(), "feat": l_feat.item()}
         opt.zero_grad(set_to_none=True)
@@ -153,7 +160,7 @@ def train(opts: TrainOptions) -> None:
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if adversarial:
-            l_d = disc.discriminator_loss(y.detach(), x)
+            l_d = disc.discriminator_loss(yd.detach(), xd)
             opt_d.zero_grad(set_to_none=True)
             l_d.backward()
             opt_d.step()
@@ -180,7 +187,7 @@ def train(opts: TrainOptions) -> None:
         if step % opts.ckpt_every == 0 or step == opts.steps:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
-                        "opt_d": opt_d.state_dict(), "step": step, "best": best}, tmp)
+                        "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "best": best}, tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
     bar.close()
