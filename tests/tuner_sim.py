@@ -79,7 +79,7 @@ def simulate(cost: Callable[[int, int, float], float], load: Callable[[float], i
             nxt = min((s.start + (s.taken + k) * T for s in sessions), default=math.inf)
             t = min(nxt, last + decide_every) + 1e-9
             continue
-        for n, keys in plan_steps(ready, cfg.max_frames_per_step, budget=256):  # the engine's default
+        for n, keys in plan_steps(ready, cfg.max_frames_per_step):
             dt = cost(len(keys), n, t) * rng.uniform(1 - noise, 1 + noise)
             t += dt
             tuner.observe_step(len(keys) * n, dt)

@@ -44,8 +44,7 @@ class CapacityError(StreamtokError):
     """No free slot: the engine already serves ``max_sessions`` sessions."""
 
 
-def plan_steps(ready: list[tuple[int, int]], max_frames: int, catch_up: int = 4,
-               budget: int | None = None) -> list[tuple[int, list[int]]]:
+def plan_steps(ready: list[tuple[int, int]], max_frames: int, catch_up: int = 4) -> list[tuple[int, list[int]]]:
     """Group sessions into batched steps.
 
     ``ready`` holds ``(key, frames available)``. Every step pays a fixed cost, so the sessions
@@ -56,16 +55,8 @@ def plan_steps(ready: list[tuple[int, int]], max_frames: int, catch_up: int = 4,
     its own, in the largest power-of-two step its backlog fills, so it catches up without holding
     the others back.
 
-    ``budget`` caps sessions x frames of one step, which bounds a step's working memory (an
-    overloaded server would otherwise step every session's backlog at once): a group over it
-    steps fewer frames, and past one frame each, is split.
-
     >>> plan_steps([(1, 1), (2, 5), (3, 1), (4, 40), (5, 2)], max_frames=16)
     [(1, [1, 3, 5]), (4, [2]), (16, [4])]
-    >>> plan_steps([(1, 8), (2, 8), (3, 8)], max_frames=16, budget=8)
-    [(2, [1, 2, 3])]
-    >>> plan_steps([(k, 1) for k in range(5)], max_frames=16, budget=2)
-    [(1, [0, 1]), (1, [2, 3]), (1, [4])]
     """
     avail = [(key, min(n, max_frames)) for key, n in ready if n >= 1]
     if not avail:
@@ -75,15 +66,7 @@ def plan_steps(ready: list[tuple[int, int]], max_frames: int, catch_up: int = 4,
     for key, n in avail:
         step = 1 << (n.bit_length() - 1) if n >= catch_up * base else base
         groups.setdefault(step, []).append(key)
-    if budget is None:
-        return sorted(groups.items())
-    plans = []
-    for n, keys in sorted(groups.items()):
-        while n > 1 and len(keys) * n > budget:
-            n //= 2
-        per = max(1, budget // n)
-        plans += [(n, keys[i:i + per]) for i in range(0, len(keys), per)]
-    return plans
+    return sorted(groups.items())
 
 
 @dataclass
@@ -129,14 +112,12 @@ class ModelEngine:
                  device: str = "cpu", threads: int | None = None,
                  buffer_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  tuner: TunerConfig | None = None,
-                 on_decision: Callable[[Decision], None] | None = None,
-                 max_step_frames: int = 256) -> None:
+                 on_decision: Callable[[Decision], None] | None = None) -> None:
         self.model = model
         self.card = model.card
         self.name = model.card.name
         self.max_sessions = max_sessions
         self.max_frames_per_step = max_frames_per_step
-        self.max_step_frames = max(max_step_frames, max_frames_per_step)  # sessions x frames per step
         self.device = torch.device(device)
         self.threads = threads
         self.buffer_seconds = buffer_seconds
@@ -374,8 +355,7 @@ class ModelEngine:
                     ready.append((s.slot, n))
             if starting:
                 plans.append((kind, first, starting))
-            plans += [(kind, n, keys) for n, keys in plan_steps(ready, self.max_frames_per_step,
-                                                                budget=self.max_step_frames)]
+            plans += [(kind, n, keys) for n, keys in plan_steps(ready, self.max_frames_per_step)]
         if not plans:
             return False
         planned = {"enc": dict(self.encoders), "dec": dict(self.decoders)}

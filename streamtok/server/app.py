@@ -586,8 +586,7 @@ class StreamtokServer:
                 pinned_frames_per_step=cfg.pin_frames_per_step, pinned_hint_ms=cfg.pin_hint_ms)
             engine = ModelEngine(model, cfg.max_sessions, cfg.max_frames_per_step, cfg.device,
                                  cfg.threads, cfg.buffer_seconds, self.clock, tuner,
-                                 on_decision=lambda d, n=name: self._broadcast_hint(n, d),
-                                 max_step_frames=cfg.max_step_frames)
+                                 on_decision=lambda d, n=name: self._broadcast_hint(n, d))
             engine.on_step = lambda sec, frames, n=name: self.metrics.step.observe(sec, model=n)
             await engine.start()
             self.engines[name] = engine

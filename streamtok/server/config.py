@@ -37,7 +37,6 @@ class ServerConfig:
     max_sessions: int = 64  # per model and kind (encode / decode)
     max_message_bytes: int = 1 << 20
     max_frames_per_step: int = 16
-    max_step_frames: int = 256  # sessions x frames in one model step: bounds a step's memory
     idle_timeout_s: float = 60.0
     max_messages_per_s: float = 1000.0  # per connection; beyond it the server reads slower (0: off)
     max_bytes_per_s: float = 8e6  # per connection, with rate_burst_s of credit (0: off)
@@ -95,8 +94,8 @@ class ServerConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.max_sessions < 1 or self.max_frames_per_step < 1 or self.max_step_frames < 1:
-            raise ConfigError("max_sessions, max_frames_per_step and max_step_frames must be >= 1")
+        if self.max_sessions < 1 or self.max_frames_per_step < 1:
+            raise ConfigError("max_sessions and max_frames_per_step must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ConfigError("stall_timeout_s must be > 0")
         if bool(self.certfile) != bool(self.keyfile):
