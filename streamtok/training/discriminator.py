@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
-
-import torch
 
 KINDS = ("mpd", "stft", "mpd+stft")
 
