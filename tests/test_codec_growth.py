@@ -1,5 +1,5 @@
 """Growing a trained codec: a decoder-only transformer leaves the encoder (and so the codes)
-untouched, warm start copies every trained tensor into the grown model, and the learning-rate schedule."""
+untouched, and warm start copies every trained tensor into the grown model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from streamtok.errors import ModelError
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.quantization import compare_codes
 from streamtok.models.weights import save_codec, warm_start
-from streamtok.training.train import TrainOptions, learning_rate
 from tests.parity_utils import stream_encode
 
 CONFIG = Path(__file__).resolve().parents[1] / "streamtok" / "models" / "configs" / "tiny.json"
@@ -111,13 +110,3 @@ def _tiny(tmp_path: Path) -> Path:
     save_codec(CausalCodec(CodecConfig.from_json(CONFIG)), path)
     return path
 
-
-def test_learning_rate_schedule() -> None:
-    opts = TrainOptions(config="", data="", out="", lr=3e-4, decay_from=100, decay_steps=50, lr_min=3e-5)
-    assert learning_rate(opts, 0) == learning_rate(opts, 100) == 3e-4
-    assert learning_rate(opts, 125) == pytest.approx((3e-4 + 3e-5) / 2)
-    assert learning_rate(opts, 150) == pytest.approx(3e-5)
-    assert learning_rate(opts, 10_000) == pytest.approx(3e-5)
-    lrs = [learning_rate(opts, s) for s in range(90, 160)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert learning_rate(TrainOptions(config="", data="", out="", lr=1e-3), 10**6) == 1e-3

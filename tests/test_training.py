@@ -13,7 +13,7 @@ import torch
 
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.weights import load_codec, read_metadata, save_codec
-from streamtok.training.train import TrainOptions, train
+from streamtok.training.train import TrainOptions, learning_rate, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "streamtok" / "models" / "configs" / "tiny.json"
 
@@ -97,3 +97,14 @@ def test_adversarial_phase_trains_the_discriminator(corpus: Path, tmp_path: Path
     train(options(corpus, out, steps=6, adversarial_from=2, disc=other, disc_batch=1))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["disc_kind"] == other
     assert [r["step"] for r in log_rows(out) if "disc" in r] == [4, 6]
+
+
+def test_learning_rate_schedule() -> None:
+    opts = TrainOptions(config="", data="", out="", lr=3e-4, decay_from=100, decay_steps=50, lr_min=3e-5)
+    assert learning_rate(opts, 0) == learning_rate(opts, 100) == 3e-4
+    assert learning_rate(opts, 125) == pytest.approx((3e-4 + 3e-5) / 2)
+    assert learning_rate(opts, 150) == pytest.approx(3e-5)
+    assert learning_rate(opts, 10_000) == pytest.approx(3e-5)
+    lrs = [learning_rate(opts, s) for s in range(90, 160)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert learning_rate(TrainOptions(config="", data="", out="", lr=1e-3), 10**6) == 1e-3
