@@ -108,3 +108,12 @@ def test_learning_rate_schedule() -> None:
     lrs = [learning_rate(opts, s) for s in range(90, 160)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert learning_rate(TrainOptions(config="", data="", out="", lr=1e-3), 10**6) == 1e-3
+
+
+def test_resume_keeps_the_runs_learning_rate_schedule(corpus: Path, tmp_path: Path) -> None:
+    """A run started with a decay and resumed without the flags goes on decaying."""
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=4, decay_from=0, decay_steps=4, lr=1e-3, lr_min=1e-5))
+    train(options(corpus, out, steps=6, lr=1e-3))  # no decay flags
+    lrs = [r["lr"] for r in log_rows(out) if "lr" in r]
+    assert lrs[-1] == pytest.approx(1e-5)  # the decay's floor, not 1e-3 again

@@ -6,6 +6,7 @@ log interval; ``OUT/best.safetensors`` + ``OUT/config.json`` the best weights on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -107,6 +108,11 @@ def train(opts: TrainOptions) -> None:
             log.info("discriminator changed (%s -> %s): it starts fresh", ckpt.get("disc_kind", "stft"),
                      opts.disc)
         step, best = ckpt["step"], ckpt.get("best", math.inf)
+        saved = ckpt.get("schedule")
+        if opts.decay_from is None and saved and saved.get("decay_from") is not None:
+            # A resume without schedule flags goes on with the run's decay, not back to full lr.
+            opts = dataclasses.replace(opts, **saved)
+            log.info("learning-rate schedule from the checkpoint: %s", saved)
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif opts.init:
         # A new machine goes on from shipped weights: model only (fresh optimizer state), step
@@ -187,7 +193,9 @@ def train(opts: TrainOptions) -> None:
         if step % opts.ckpt_every == 0 or step == opts.steps:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
-                        "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "best": best}, tmp)
+                        "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "best": best,
+                        "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")}},
+                       tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
     bar.close()
