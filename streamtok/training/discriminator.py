@@ -17,6 +17,15 @@ from torch.nn.utils.parametrizations import weight_norm
 KINDS = ("mpd", "stft", "mpd+stft")
 
 
+def _judge(convs: nn.ModuleList, out: nn.Module, h: Tensor, slope: float) -> tuple[Tensor, list[Tensor]]:
+    """Leaky-ReLU conv stack: (logits, every layer's activations for feature matching)."""
+    feats = []
+    for conv in convs:
+        h = F.leaky_relu(conv(h), slope)
+        feats.append(h)
+    return out(h), feats
+
+
 class STFTDiscriminator(nn.Module):
     """2-D convs over the complex STFT (real and imaginary as channels) of one scale."""
 
@@ -37,11 +46,7 @@ class STFTDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         spec = torch.stft(x, self.n_fft, self.hop, window=self.window, return_complex=True)
         h = torch.stack([spec.real, spec.imag], 1).transpose(2, 3)  # [B, 2, frames, bins]
-        feats = []
-        for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.2)
-            feats.append(h)
-        return self.out(h), feats
+        return _judge(self.convs, self.out, h, 0.2)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -63,12 +68,7 @@ class PeriodDiscriminator(nn.Module):
         pad = -x.shape[-1] % self.period
         if pad:
             x = F.pad(x, (0, pad), mode="reflect")
-        h = x.view(x.shape[0], 1, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.1)
-            feats.append(h)
-        return self.out(h), feats
+        return _judge(self.convs, self.out, x.view(x.shape[0], 1, -1, self.period), 0.1)
 
 
 class Discriminators(nn.Module):
