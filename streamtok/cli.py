@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        disc_batch=args.disc_batch,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
                        decay_from=args.decay_from, decay_steps=args.decay_steps,
-                       lr_min=args.lr_min))
+                       lr_min=args.lr_min, new_lr_scale=args.new_lr_scale))
     return 0
 
 
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step at which the learning rate starts a cosine decay (default: constant)")
     t.add_argument("--decay-steps", type=int, default=10_000, help="length of that decay")
     t.add_argument("--lr-min", type=float, default=3e-5, help="learning rate at its end and after")
+    t.add_argument("--new-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier for layers --init's weights lack (a grown config)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--disc", default="mpd", choices=["mpd", "stft", "mpd+stft"],

@@ -110,3 +110,53 @@ def _tiny(tmp_path: Path) -> Path:
     save_codec(CausalCodec(CodecConfig.from_json(CONFIG)), path)
     return path
 
+
+
+def deeper(layers: int) -> CodecConfig:
+    data = json.loads(CONFIG.read_text())
+    data["seanet"]["decoder_residual_layers"] = layers
+    return CodecConfig.from_dict(data)
+
+
+def test_deeper_decoder_starts_as_the_trained_one_and_can_learn(tmp_path: Path) -> None:
+    trained = calibrated(CodecConfig.from_json(CONFIG), seed=5)
+    path = tmp_path / "trained.safetensors"
+    save_codec(trained, path)
+    model = CausalCodec(deeper(3))
+    assert len(model.decoder.model) == len(trained.decoder.model) + 2 * len(model.cfg.seanet.ratios)
+    assert len(model.encoder.model) == len(trained.encoder.model)  # the encoder is untouched
+    new = warm_start(model, path)
+    assert new and all(k.startswith("decoder.model.") for k in new)
+    assert len(new) == 2 * 2 * len(model.cfg.seanet.ratios) * 2  # 2 blocks x 2 convs x (w, b)
+    x = torch.randn(1, 20 * model.cfg.frame_size) * 0.1
+    with torch.no_grad():
+        codes = trained.eval().encode(x).codes
+        assert torch.equal(model.eval().encode(x).codes, codes)
+        assert torch.equal(model.decode(codes), trained.decode(codes))  # grown blocks are the identity
+    # ...and every new block gets a gradient, so training can use it.
+    model.train()
+    y, q = model(x)
+    y.square().mean().backward()
+    for k in new:
+        if k.endswith("block.3.conv.weight"):
+            grad = dict(model.named_parameters())[k].grad
+            assert grad is not None and float(grad.abs().sum()) > 0, k
+
+
+def test_deeper_decoder_streams_like_offline() -> None:
+    model = calibrated(deeper(2), seed=6)
+    codes = model.encode(torch.randn(1, 30 * model.cfg.frame_size) * 0.1).codes
+    whole = model.decode(codes)[0]
+    streamer = model.decoder_streamer(1)
+    pieces, t = [], 0
+    for n in (1, 4, 11, 14):
+        pieces.append(model.decode_step(codes[:, :, t:t + n], streamer)[0])
+        t += n
+    assert torch.allclose(torch.cat(pieces), whole, atol=1e-5)
+
+
+def test_a_shallower_decoder_refuses_trained_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "deep.safetensors"
+    save_codec(CausalCodec(deeper(2)), path)
+    with pytest.raises(ModelError, match="no place"):
+        warm_start(CausalCodec(CodecConfig.from_json(CONFIG)), path)

@@ -117,3 +117,28 @@ def test_resume_keeps_the_runs_learning_rate_schedule(corpus: Path, tmp_path: Pa
     train(options(corpus, out, steps=6, lr=1e-3))  # no decay flags
     lrs = [r["lr"] for r in log_rows(out) if "lr" in r]
     assert lrs[-1] == pytest.approx(1e-5)  # the decay's floor, not 1e-3 again
+
+
+def test_grown_layers_learn_at_their_own_rate_and_keep_it_on_resume(corpus: Path, tmp_path: Path) -> None:
+    """--init into a deeper decoder: the new blocks form their own optimizer group at
+    new_lr_scale x the schedule, kept when the run resumes from its checkpoint."""
+    path = tmp_path / "shipped.safetensors"
+    save_codec(CausalCodec(CodecConfig.from_json(CONFIG)), path, {"step": "10"})
+    data = json.loads(CONFIG.read_text())
+    data["seanet"]["decoder_residual_layers"] = 2
+    grown = tmp_path / "grown.json"
+    grown.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    opts = options(corpus, out, steps=12, init=str(path), lr=1e-3, new_lr_scale=10.0)
+    opts.config = str(grown)
+    train(opts)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["new_params"] and all(".block." in k for k in ckpt["new_params"])
+    groups = ckpt["opt"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 10.0]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    assert len(groups[1]["params"]) == len(ckpt["new_params"])
+    opts.steps, opts.init = 14, None
+    train(opts)  # resumes: same groups, same rates
+    groups = torch.load(out / "checkpoint.pt", weights_only=False)["opt"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])

@@ -28,6 +28,9 @@ class SEANetConfig:
     true_skip: bool = True
     pad_mode: str = "constant"
     elu_alpha: float = 1.0
+    # Residual blocks per decoder stage when it differs from the encoder's (None: the same). More
+    # depth where the waveform is shaped, with receptive field growing as dilation_base ** j.
+    decoder_residual_layers: int | None = None
 
     @property
     def hop_length(self) -> int:
@@ -35,6 +38,11 @@ class SEANetConfig:
         for r in self.ratios:
             n *= r
         return n
+
+    @property
+    def decoder_layers(self) -> int:
+        n = self.decoder_residual_layers
+        return self.n_residual_layers if n is None else n
 
 
 class ResidualBlock(nn.Module):
@@ -82,7 +90,12 @@ class SEANetEncoder(nn.Module):
 
 
 class SEANetDecoder(nn.Module):
-    """``[B, dimension, F]`` latents -> ``[B, channels, F * hop_length]`` audio."""
+    """``[B, dimension, F]`` latents -> ``[B, channels, F * hop_length]`` audio.
+
+    ``roles`` names each layer of ``model`` by what it is (``("res", stage, j)`` the ``j``-th
+    residual block of upsampling stage ``stage``), so the layers of decoders that differ only in
+    residual blocks per stage can be matched (see :func:`streamtok.models.weights.warm_start`).
+    """
 
     def __init__(self, cfg: SEANetConfig) -> None:
         super().__init__()
@@ -90,17 +103,23 @@ class SEANetDecoder(nn.Module):
         nf = cfg.n_filters
         layers: list[nn.Module] = [
             StreamingConv1d(cfg.dimension, mult * nf, cfg.kernel_size, pad_mode=cfg.pad_mode)]
+        roles: list[tuple[object, ...]] = [("in",)]
         if cfg.lstm:
             layers.append(StreamingLSTM(mult * nf, cfg.lstm))
-        for ratio in cfg.ratios:
+            roles.append(("lstm",))
+        for stage, ratio in enumerate(cfg.ratios):
             layers += [nn.ELU(cfg.elu_alpha),
                        StreamingConvTranspose1d(mult * nf, mult * nf // 2, ratio * 2, stride=ratio)]
-            for j in range(cfg.n_residual_layers):
+            roles += [("act", stage), ("up", stage)]
+            for j in range(cfg.decoder_layers):
                 layers.append(ResidualBlock(mult * nf // 2, cfg, cfg.dilation_base ** j))
+                roles.append(("res", stage, j))
             mult //= 2
         layers += [nn.ELU(cfg.elu_alpha),
                    StreamingConv1d(nf, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode)]
+        roles += [("act",), ("out",)]
         self.model = nn.Sequential(*layers)
+        self.roles = roles
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from streamtok.errors import ModelError
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.quantization import EMACodebook
+from streamtok.models.seanet import ResidualBlock
 
 
 def codec_tensors(model: CausalCodec, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -87,16 +88,43 @@ def warm_start(model: CausalCodec, path: str | Path) -> list[str]:
     """Copy every tensor of the codec in ``path`` into ``model``, which may have grown since.
 
     The file's own config rebuilds its codec; ``model`` must hold all of its tensors with equal
-    shapes and may hold more (a layer added to a trained codec, e.g. a decoder transformer whose
-    layer scale starts it near the identity). Returns the names ``model`` has that the file
-    lacked; a tensor the file has and ``model`` lacks, or a shape change, is a :class:`ModelError`.
+    shapes and may hold more: a layer added to a trained codec, e.g. a decoder transformer whose
+    layer scale starts it near the identity, or more residual blocks per decoder stage
+    (``seanet.decoder_residual_layers``), matched by role and started as the identity (their last
+    conv zeroed), so the grown codec decodes exactly as the trained one did. Returns the names
+    ``model`` has that the file lacked; a tensor the file has and ``model`` lacks, or a shape
+    change, is a :class:`ModelError`.
     """
     old = load_codec(path)
+    state = _rename_decoder_layers(old.state_dict(), old.decoder.roles, model.decoder.roles)
     try:
-        missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a shape mismatch
         raise ModelError(f"{path} does not fit the new config: {e}") from e
     if unexpected:
         raise ModelError(f"{path} holds tensors the new config has no place for: {unexpected[:5]}")
+    known = set(old.decoder.roles)
+    with torch.no_grad():
+        for role, layer in zip(model.decoder.roles, model.decoder.model, strict=True):
+            if role not in known and isinstance(layer, ResidualBlock):
+                last = layer.block[-1].conv
+                last.weight.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
     return [k for k in missing if not k.endswith(("embedding_sum", "cluster_usage", "initialized"))]
 
+
+def _rename_decoder_layers(state: dict[str, torch.Tensor], old: list[tuple[object, ...]],
+                           new: list[tuple[object, ...]]) -> dict[str, torch.Tensor]:
+    """``state`` with ``decoder.model.{i}.`` keys moved to the index their role has in ``new``."""
+    where = {role: i for i, role in enumerate(new)}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[:2] == ["decoder", "model"]:
+            role = old[int(parts[2])]
+            if role not in where:
+                raise ModelError(f"the new config has no place for the trained decoder layer {role} ({key})")
+            parts[2] = str(where[role])
+        out[".".join(parts)] = value
+    return out

@@ -53,6 +53,7 @@ class TrainOptions:
     decay_from: int | None = None  # step at which a cosine decay of the learning rate starts
     decay_steps: int = 10_000
     lr_min: float = 3e-5
+    new_lr_scale: float = 1.0  # learning-rate multiplier for the tensors ``init`` lacked (grown layers)
 
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
@@ -64,6 +65,17 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
         return opts.lr
     t = min(1.0, (step - opts.decay_from) / max(1, opts.decay_steps))
     return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+def _param_groups(model: torch.nn.Module, new: list[str], scale: float) -> list[dict]:
+    """One optimizer group for the trained tensors and, if any, one for those ``init`` lacked
+    (``new``), whose learning rate is ``scale`` times the schedule's so grown layers catch up."""
+    fresh = set(new)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for k, p in named if k not in fresh], "lr_scale": 1.0}]
+    if any(k in fresh for k, _ in named):
+        groups.append({"params": [p for k, p in named if k in fresh], "lr_scale": scale})
+    return groups
 
 
 def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str, float]:
@@ -91,14 +103,27 @@ def train(opts: TrainOptions) -> None:
     log.info("model %s: %.2f M parameters, %d Hz, frame %d", cfg.name,
              count_parameters(model) / 1e6, cfg.sample_rate, cfg.frame_size)
     disc = build_discriminator(opts.disc).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
+    step, new = 0, []
+    if ckpt is None and opts.init:
+        # A new machine goes on from shipped weights: model only (fresh optimizer state), step
+        # count from the file's metadata so logs and the model card keep counting. The config may
+        # have grown (a layer added): those tensors start from their initialisation.
+        new = warm_start(model, opts.init)
+        model.to(device)
+        step = int(read_metadata(opts.init).get("step", 0))
+        log.info("initialised from %s (step %d)%s", opts.init, step,
+                 f"; new tensors: {len(new)}" if new else "")
+    elif ckpt is not None:
+        new = ckpt.get("new_params", [])
+    opt = torch.optim.AdamW(_param_groups(model, new, opts.new_lr_scale), lr=opts.lr, betas=(0.5, 0.9),
+                            weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
     mel_loss = MultiScaleMelLoss(cfg.sample_rate).to(device)
 
-    step, best = 0, math.inf
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    best = math.inf
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         if ckpt.get("disc_kind", "stft") == opts.disc:
@@ -114,15 +139,6 @@ def train(opts: TrainOptions) -> None:
             opts = dataclasses.replace(opts, **saved)
             log.info("learning-rate schedule from the checkpoint: %s", saved)
         log.info("resumed from %s at step %d", ckpt_path, step)
-    elif opts.init:
-        # A new machine goes on from shipped weights: model only (fresh optimizer state), step
-        # count from the file's metadata so logs and the model card keep counting. The config may
-        # have grown (a layer added): those tensors start from their initialisation.
-        new = warm_start(model, opts.init)
-        model.to(device)
-        step = int(read_metadata(opts.init).get("step", 0))
-        log.info("initialised from %s (step %d)%s", opts.init, step,
-                 f"; new tensors: {len(new)}" if new else "")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
@@ -145,7 +161,7 @@ def train(opts: TrainOptions) -> None:
     while step < opts.steps:
         lr = learning_rate(opts, step)
         for group in opt.param_groups + opt_d.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         x = torch.from_numpy(aug.batch(opts.batch)).to(device)
         active = torch.full((opts.batch,), levels, device=device)
         drop = torch.rand(opts.batch, device=device) < opts.quantizer_dropout
@@ -193,7 +209,7 @@ def train(opts: TrainOptions) -> None:
         if step % opts.ckpt_every == 0 or step == opts.steps:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
-                        "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "best": best,
+                        "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "new_params": new, "best": best,
                         "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")}},
                        tmp)
             tmp.replace(ckpt_path)
