@@ -142,3 +142,33 @@ def test_grown_layers_learn_at_their_own_rate_and_keep_it_on_resume(corpus: Path
     train(opts)  # resumes: same groups, same rates
     groups = torch.load(out / "checkpoint.pt", weights_only=False)["opt"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+
+
+def test_training_time_counts_the_run_a_branch_started_from(tmp_path: Path) -> None:
+    from streamtok.training.ship import training_time_hours
+
+    def write(run: Path, rows: list[dict]) -> None:
+        run.mkdir()
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    main, branch = tmp_path / "main", tmp_path / "branch"
+    # main: 3600 s to step 100, resumed, 1800 s more to step 200, then on to step 300
+    write(main, [{"step": 50, "time": 1800.0}, {"step": 100, "time": 3600.0}, {"step": 150, "time": 900.0},
+                 {"step": 150, "val_mel": 0.3}, {"step": 200, "time": 1800.0}, {"step": 300, "time": 3600.0}])
+    assert training_time_hours(main) == (300, pytest.approx(2.0))
+    assert training_time_hours(main, until=200) == (200, pytest.approx(1.5))
+    write(branch, [{"step": 200, "init": str(main / "last.safetensors")}, {"step": 250, "time": 720.0}])
+    assert training_time_hours(branch) == (250, pytest.approx(1.5 + 0.2))
+    write(tmp_path / "fresh", [{"step": 0, "init": str(tmp_path / "elsewhere" / "w.safetensors")},
+                               {"step": 10, "time": 360.0}])
+    assert training_time_hours(tmp_path / "fresh") == (10, pytest.approx(0.1))
+
+
+def test_a_run_from_init_logs_where_it_started(corpus: Path, tmp_path: Path) -> None:
+    path = tmp_path / "shipped.safetensors"
+    save_codec(CausalCodec(CodecConfig.from_json(CONFIG)), path, {"step": "100"})
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=102, init=str(path)))
+    assert log_rows(out)[0] == {"step": 100, "init": str(path.resolve())}
+    train(options(corpus, out, steps=104))  # a resume does not log it again
+    assert sum("init" in r for r in log_rows(out)) == 1

@@ -27,15 +27,23 @@ QUALITY_BEGIN, QUALITY_END = "<!-- quality -->", "<!-- /quality -->"
 HISTORY_BEGIN, HISTORY_END = "<!-- history -->", "<!-- /history -->"
 
 
-def training_time_hours(run: Path) -> tuple[int, float]:
+def training_time_hours(run: Path, until: int | None = None) -> tuple[int, float]:
     """(last step, hours of training) from the run's log.jsonl (its ``time`` restarts at 0 on
-    every resume, so segments are summed)."""
+    every resume, so segments are summed). A run started with ``--init`` from another run's
+    weights counts that run's hours up to the step it branched at; ``until`` stops at a step."""
     steps, hours, last_t = 0, 0.0, 0.0
     log_path = run / "log.jsonl"
     if not log_path.exists():
         return 0, 0.0
     for line in log_path.read_text().splitlines():
         row = json.loads(line)
+        if until is not None and row.get("step", 0) > until:
+            break
+        if "init" in row:
+            parent = Path(row["init"]).parent
+            if parent.resolve() != run.resolve() and (parent / "log.jsonl").exists():
+                hours += training_time_hours(parent, until=row["step"])[1]
+            continue
         if "time" not in row:
             continue
         if row["time"] < last_t:  # a resumed segment

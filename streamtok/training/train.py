@@ -154,6 +154,8 @@ def train(opts: TrainOptions) -> None:
 
     levels = cfg.quantizer.levels
     logf = (out / "log.jsonl").open("a")
+    if ckpt is None and opts.init:  # so the run's training time can count what came before
+        logf.write(json.dumps({"step": step, "init": str(Path(opts.init).resolve())}) + "\n")
     acc: dict[str, float] = {}
     t0 = time.monotonic()
     model.train()
