@@ -20,7 +20,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        disc_batch=args.disc_batch,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
                        decay_from=args.decay_from, decay_steps=args.decay_steps,
-                       lr_min=args.lr_min, new_lr_scale=args.new_lr_scale))
+                       lr_min=args.lr_min, new_lr_scale=args.new_lr_scale,
+                       quantizer_dropout=args.quantizer_dropout))
     return 0
 
 
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-min", type=float, default=3e-5, help="learning rate at its end and after")
     t.add_argument("--new-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier for layers --init's weights lack (a grown config)")
+    t.add_argument("--quantizer-dropout", type=float, default=0.5,
+                   help="share of crops trained at a random depth 1..levels instead of all levels")
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--disc", default="mpd", choices=["mpd", "stft", "mpd+stft"],
