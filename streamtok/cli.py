@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
                        decay_from=args.decay_from, decay_steps=args.decay_steps,
                        lr_min=args.lr_min, new_lr_scale=args.new_lr_scale,
-                       quantizer_dropout=args.quantizer_dropout))
+                       quantizer_dropout=args.quantizer_dropout, ema=args.ema))
     return 0
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate multiplier for layers --init's weights lack (a grown config)")
     t.add_argument("--quantizer-dropout", type=float, default=0.5,
                    help="share of crops trained at a random depth 1..levels instead of all levels")
+    t.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep a moving average of the weights (e.g. 0.999): validated, and saved as best")
     t.add_argument("--device", default="cpu")
     t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
     t.add_argument("--disc", default="mpd", choices=["mpd", "stft", "mpd+stft"],

@@ -172,3 +172,41 @@ def test_a_run_from_init_logs_where_it_started(corpus: Path, tmp_path: Path) -> 
     assert log_rows(out)[0] == {"step": 100, "init": str(path.resolve())}
     train(options(corpus, out, steps=104))  # a resume does not log it again
     assert sum("init" in r for r in log_rows(out)) == 1
+
+
+def test_weight_average_follows_the_live_weights() -> None:
+    from streamtok.training.train import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("count", torch.zeros(()))
+    avg = WeightAverage(model, 0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.count.fill_(7)
+    avg.update(model)
+    assert torch.allclose(avg.model.weight, start + 0.1)  # 0.9 * old + 0.1 * new
+    assert float(avg.model.count) == 7  # buffers are copied, not averaged
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    with pytest.raises(ValueError):
+        WeightAverage(model, 1.0)
+
+
+def test_ema_run_keeps_the_average_as_best_and_resumes_it(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    opts = options(corpus, out, steps=4, ema=0.5, lr=1e-3)
+    opts.val_every = 4  # one validation: the best file is from step 4, where the checkpoint is
+    train(opts)
+    vals = [r for r in log_rows(out) if "val_mel" in r]
+    assert [r["step"] for r in vals] == [4] and all("live_val_mel" in r for r in vals)
+    assert any(r["val_mel"] != r["live_val_mel"] for r in vals)  # two different models scored
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    live, avg = ckpt["model"], ckpt["ema"]
+    conv = [k for k in live if k.endswith("conv.weight")]
+    assert any(not torch.equal(live[k], avg[k]) for k in conv)
+    best = load_codec(out / "best.safetensors").state_dict()
+    assert all(torch.equal(best[k], avg[k]) for k in conv)  # the average, not the live weights
+    opts.steps = 6
+    train(opts)  # resumes the average too
+    resumed = torch.load(out / "checkpoint.pt", weights_only=False)["ema"]
+    assert any(not torch.equal(resumed[k], avg[k]) for k in conv)

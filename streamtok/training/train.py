@@ -6,6 +6,7 @@ log interval; ``OUT/best.safetensors`` + ``OUT/config.json`` the best weights on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -53,6 +54,7 @@ class TrainOptions:
     decay_from: int | None = None  # step at which a cosine decay of the learning rate starts
     decay_steps: int = 10_000
     lr_min: float = 3e-5
+    ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept as best
     new_lr_scale: float = 1.0  # learning-rate multiplier for the tensors ``init`` lacked (grown layers)
 
 
@@ -65,6 +67,25 @@ def learning_rate(opts: TrainOptions, step: int) -> float:
         return opts.lr
     t = min(1.0, (step - opts.decay_from) / max(1, opts.decay_steps))
     return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging). Buffers (the
+    codebooks, themselves running averages) are copied from the live model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for avg, live in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(live, 1.0 - self.decay)
+        for avg, live in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(live)
 
 
 def _param_groups(model: torch.nn.Module, new: list[str], scale: float) -> list[dict]:
@@ -139,6 +160,9 @@ def train(opts: TrainOptions) -> None:
             opts = dataclasses.replace(opts, **saved)
             log.info("learning-rate schedule from the checkpoint: %s", saved)
         log.info("resumed from %s at step %d", ckpt_path, step)
+    ema = WeightAverage(model, opts.ema) if opts.ema else None
+    if ema is not None and ckpt is not None and "ema" in ckpt:
+        ema.model.load_state_dict(ckpt["ema"])
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
@@ -183,6 +207,8 @@ def train(opts: TrainOptions) -> None:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            ema.update(model)
         if adversarial:
             l_d = disc.discriminator_loss(yd.detach(), xd)
             opt_d.zero_grad(set_to_none=True)
@@ -202,17 +228,22 @@ def train(opts: TrainOptions) -> None:
             bar.set_postfix(mel=row["mel"], commit=row["commit"])
         if val_clips and step % opts.val_every == 0:
             score = _val_score(model, val_clips, cfg.sample_rate)
+            kept = model
+            if ema is not None:  # the average is what is kept; the live weights' score is logged beside it
+                score = {f"live_{k}": v for k, v in score.items()} | _val_score(ema.model, val_clips, cfg.sample_rate)
+                kept = ema.model
             logf.write(json.dumps({"step": step, **score}) + "\n")
             logf.flush()
             log.info("step %d validation %s", step, score)
             if score["val_mel"] < best:
                 best = score["val_mel"]
-                save_codec(model, out / "best.safetensors", {"step": str(step), **{k: str(v) for k, v in score.items()}})
+                save_codec(kept, out / "best.safetensors", {"step": str(step), **{k: str(v) for k, v in score.items()}})
         if step % opts.ckpt_every == 0 or step == opts.steps:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                         "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "new_params": new, "best": best,
-                        "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")}},
+                        "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")},
+                        **({"ema": ema.model.state_dict()} if ema is not None else {})},
                        tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
