@@ -160,6 +160,8 @@ def train(opts: TrainOptions) -> None:
             opts = dataclasses.replace(opts, **saved)
             log.info("learning-rate schedule from the checkpoint: %s", saved)
         log.info("resumed from %s at step %d", ckpt_path, step)
+    if opts.ema is None and ckpt is not None and ckpt.get("ema_decay"):
+        opts = dataclasses.replace(opts, ema=ckpt["ema_decay"])  # a resume keeps averaging
     ema = WeightAverage(model, opts.ema) if opts.ema else None
     if ema is not None and ckpt is not None and "ema" in ckpt:
         ema.model.load_state_dict(ckpt["ema"])
@@ -243,7 +245,7 @@ def train(opts: TrainOptions) -> None:
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                         "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "new_params": new, "best": best,
                         "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")},
-                        **({"ema": ema.model.state_dict()} if ema is not None else {})},
+                        **({"ema": ema.model.state_dict(), "ema_decay": ema.decay} if ema is not None else {})},
                        tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
