@@ -191,3 +191,22 @@ def test_cli_writes_json_and_markdown(folder: Path, tmp_path: Path, capsys) -> N
     assert "| tiny 1 level |" in printed and "| tiny 4 levels |" in printed and "Opus" not in printed
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [c["file"] for c in doc["per_clip"]] == ["a.wav", "b.flac"]
+
+
+# -- diagnosis ----------------------------------------------------------------------------------
+def test_diagnosis_separates_magnitude_and_phase_errors(folder: Path, capsys) -> None:
+    """On the shipped default: the input's magnitudes under the codec's phases fix the log-mel
+    error, the input's phases under the codec's magnitudes bring the waveform back (SI-SDR)."""
+    from streamtok.models.registry import get_spec
+    from streamtok.training.diagnose import ROWS, diagnose, main
+
+    model = load_model("default")
+    result = diagnose(model, folder, limit=2)
+    assert tuple(result) == ROWS
+    codec, phase, mag = result["codec"], result["oracle phase"], result["oracle magnitude"]
+    assert mag["log_mel"] < 0.7 * codec["log_mel"]
+    assert phase["si_sdr"] > codec["si_sdr"] + 10
+    assert all(np.isfinite(v) for row in result.values() for v in row.values())
+    assert main([str(get_spec("default").find_weights()), "--dev", str(folder), "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {row} |" in out for row in ROWS)

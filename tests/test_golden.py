@@ -41,3 +41,27 @@ def test_default_codes_are_pinned():
                         torch.from_numpy(golden["codes"].astype(np.int64)), torch.from_numpy(enc.codes))
     assert cmp.failing == 0 and cmp.excused <= 1, cmp
     assert enc.codes.shape == (8, 73)
+
+
+def test_shipped_default_keeps_its_contract():
+    """The weights' embedded config is configs/default.json, and the model stays inside the
+    limits it is specified by: 16 kHz, <= 25 Hz frames, <= 8 levels, <= 3 kbps, <= 10 M
+    parameters, a weights file <= 20 MB."""
+    import json
+
+    from streamtok.models.codec import CodecConfig, count_parameters
+    from streamtok.models.weights import read_metadata
+
+    path = get_spec("default").find_weights()
+    embedded = CodecConfig.from_dict(json.loads(read_metadata(path)["config"]))
+    config = Path(__file__).parents[1] / "streamtok" / "models" / "configs" / "default.json"
+    assert embedded == CodecConfig.from_json(config)
+    model = load_model("default")
+    card = model.card
+    assert card.sample_rate == 16_000
+    assert card.sample_rate / card.frame_size <= 25
+    assert len(card.levels) <= 8
+    bits = sum(np.log2(level.cardinality) for level in card.levels)
+    assert bits * card.sample_rate / card.frame_size <= 3000
+    assert count_parameters(model) <= 10_000_000
+    assert path.stat().st_size <= 20 * 1024 * 1024
