@@ -127,7 +127,8 @@ def train(opts: TrainOptions) -> None:
     ckpt_path = out / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
     step, new = 0, []
-    if ckpt is None and opts.init:
+    branched = ckpt is None and bool(opts.init)  # a new run from another run's weights
+    if branched:
         # A new machine goes on from shipped weights: model only (fresh optimizer state), step
         # count from the file's metadata so logs and the model card keep counting. The config may
         # have grown (a layer added): those tensors start from their initialisation.
@@ -180,7 +181,7 @@ def train(opts: TrainOptions) -> None:
 
     levels = cfg.quantizer.levels
     logf = (out / "log.jsonl").open("a")
-    if ckpt is None and opts.init:  # so the run's training time can count what came before
+    if branched:  # so the run's training time can count what came before
         logf.write(json.dumps({"step": step, "init": str(Path(opts.init).resolve())}) + "\n")
     acc: dict[str, float] = {}
     t0 = time.monotonic()
