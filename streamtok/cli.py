@@ -11,17 +11,12 @@ from streamtok.errors import StreamtokError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from streamtok.training.train import TrainOptions, train
+    from streamtok.training.train import RECIPE, TrainOptions, train
 
-    train(TrainOptions(config=args.config, data=args.data, out=args.out, val=args.val,
-                       noise=args.noise, steps=args.steps, batch=args.batch,
-                       segment_seconds=args.segment, lr=args.lr, threads=args.threads or 1,
-                       device=args.device, adversarial_from=args.adversarial_from, disc=args.disc,
-                       disc_batch=args.disc_batch,
+    train(TrainOptions(config=args.config, data=args.data, out=args.out, val=args.val, noise=args.noise,
+                       steps=args.steps, threads=args.threads or 1, device=args.device,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
-                       decay_from=args.decay_from, decay_steps=args.decay_steps,
-                       lr_min=args.lr_min, new_lr_scale=args.new_lr_scale,
-                       quantizer_dropout=args.quantizer_dropout, ema=args.ema))
+                       **{k: getattr(args, k) for k in RECIPE}))
     return 0
 
 
@@ -213,32 +208,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_ship_parser(sub)
 
-    t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)")
+    from streamtok.training.discriminator import KINDS as DISC_KINDS
+    from streamtok.training.train import RECIPE
+
+    t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)",
+                       description="Train a codec. A run resumed from OUT/checkpoint.pt keeps its own settings "
+                                   "(learning rate and schedule, weight average, dropout, batch, GAN phase); "
+                                   "a flag given on the command line overrides the kept value.")
     t.add_argument("--config", required=True, help="codec config JSON")
     t.add_argument("--data", required=True, help="folder with manifest.tsv")
     t.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, best weights)")
     t.add_argument("--val", help="validation folder with manifest.tsv")
     t.add_argument("--noise", help="noise folder with manifest.tsv, mixed in at low levels")
-    t.add_argument("--steps", type=int, default=100_000)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--segment", type=float, default=1.0, help="seconds per training crop")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--decay-from", type=int, default=None,
-                   help="step at which the learning rate starts a cosine decay (default: constant)")
-    t.add_argument("--decay-steps", type=int, default=10_000, help="length of that decay")
-    t.add_argument("--lr-min", type=float, default=3e-5, help="learning rate at its end and after")
-    t.add_argument("--new-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier for layers --init's weights lack (a grown config)")
-    t.add_argument("--quantizer-dropout", type=float, default=0.5,
-                   help="share of crops trained at a random depth 1..levels instead of all levels")
-    t.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                   help="keep a moving average of the weights (e.g. 0.999): validated, and saved as best")
+    t.add_argument("--steps", type=int, default=100_000, help="train until this step (default %(default)s)")
+
+    def setting(flag: str, kind: type, text: str, **kw: object) -> None:
+        key = flag[2:].replace("-", "_")
+        key = "segment_seconds" if key == "segment" else key
+        t.add_argument(flag, type=kind, default=None, dest=key,
+                       help=f"{text} (new run: {'off' if RECIPE[key] is None else RECIPE[key]}; "
+                            "a resumed run keeps its own)", **kw)
+
+    setting("--batch", int, "crops per step")
+    setting("--segment", float, "seconds per training crop")
+    setting("--lr", float, "learning rate")
+    setting("--decay-from", int, "step at which the learning rate starts a cosine decay; off: constant")
+    setting("--decay-steps", int, "length of that decay")
+    setting("--lr-min", float, "learning rate at its end and after")
+    setting("--new-lr-scale", float, "learning-rate multiplier for layers --init's weights lack (a grown config)")
+    setting("--quantizer-dropout", float, "share of crops trained at a random depth 1..levels instead of all levels")
+    setting("--ema", float, "keep a moving average of the weights with this decay (e.g. 0.999): validated, "
+                            "and saved as best", metavar="DECAY")
+    setting("--adversarial-from", int, "step at which the GAN loss starts")
+    setting("--disc", str, "discriminator of the GAN phase: multi-period (cheap), multi-scale STFT, or both",
+            choices=DISC_KINDS)
+    setting("--disc-batch", int, "items of each batch the GAN losses see; off: all, fewer saves CPU time")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--adversarial-from", type=int, default=None, help="step at which the GAN loss starts")
-    t.add_argument("--disc", default="mpd", choices=["mpd", "stft", "mpd+stft"],
-                   help="discriminator of the GAN phase: multi-period (cheap), multi-scale STFT, or both")
-    t.add_argument("--disc-batch", type=int, default=None,
-                   help="items of each batch the GAN losses see (default all; fewer saves CPU time)")
     t.add_argument("--val-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--init", help="weights to start from when OUT has no checkpoint (e.g. "

@@ -13,7 +13,14 @@ import torch
 
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.weights import load_codec, read_metadata, save_codec
-from streamtok.training.train import TrainOptions, learning_rate, train
+from streamtok.training.train import (
+    RECIPE,
+    TrainOptions,
+    learning_rate,
+    saved_settings,
+    settle,
+    train,
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "streamtok" / "models" / "configs" / "tiny.json"
 
@@ -119,6 +126,24 @@ def test_resume_keeps_the_runs_learning_rate_schedule(corpus: Path, tmp_path: Pa
     assert lrs[-1] == pytest.approx(1e-5)  # the decay's floor, not 1e-3 again
 
 
+def test_resume_keeps_every_run_setting_unless_the_caller_overrides_it(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=2, quantizer_dropout=0.0, lr=2e-3, ema=0.5))
+    train(TrainOptions(config=str(CONFIG), data=str(corpus), out=str(out), steps=4, log_every=2, lr=1e-3))  # only lr given
+    kept = torch.load(out / "checkpoint.pt", weights_only=False)["options"]
+    assert kept | {"batch": None} == RECIPE | {"quantizer_dropout": 0.0, "lr": 1e-3, "ema": 0.5, "batch": None,
+                                               "segment_seconds": 0.4}
+    assert kept["batch"] == 2  # not the recipe's 8
+    assert [r["lr"] for r in log_rows(out) if "lr" in r] == [2e-3, 1e-3]
+
+
+def test_a_checkpoint_from_before_options_were_kept_resumes_its_schedule_and_average() -> None:
+    old = {"schedule": {"lr": 3e-4, "decay_from": 20000, "decay_steps": 10000, "lr_min": 3e-5}, "ema_decay": 0.999}
+    opts = settle(TrainOptions(config="", data="", out="", batch=4), saved_settings(old))
+    assert (opts.decay_from, opts.ema, opts.batch, opts.quantizer_dropout) == (20000, 0.999, 4, 0.5)
+    assert learning_rate(opts, 40000) == pytest.approx(3e-5)
+
+
 def test_grown_layers_learn_at_their_own_rate_and_keep_it_on_resume(corpus: Path, tmp_path: Path) -> None:
     """--init into a deeper decoder: the new blocks form their own optimizer group at
     new_lr_scale x the schedule, kept when the run resumes from its checkpoint."""
@@ -209,6 +234,6 @@ def test_ema_run_keeps_the_average_as_best_and_resumes_it(corpus: Path, tmp_path
     opts.steps, opts.ema = 8, None
     train(opts)  # resumes the average too, without the flag
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert resumed["ema_decay"] == 0.5
+    assert resumed["options"]["ema"] == 0.5
     assert any(not torch.equal(resumed["ema"][k], avg[k]) for k in conv)
     assert [r["step"] for r in log_rows(out) if "live_val_mel" in r] == [4, 8]

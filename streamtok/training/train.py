@@ -36,27 +36,55 @@ class TrainOptions:
     val: str | None = None
     noise: str | None = None
     steps: int = 100_000
-    batch: int = 8
-    segment_seconds: float = 1.0
-    lr: float = 3e-4
     threads: int = 1
     device: str = "cpu"
     log_every: int = 25
     ckpt_every: int = 200
     val_every: int = 1000
     val_clips: int = 24
-    adversarial_from: int | None = None  # step at which the discriminator joins (None: never)
-    disc: str = "mpd"  # which discriminator (see streamtok.training.discriminator)
-    disc_batch: int | None = None  # items of each batch the GAN losses see (None: all; saves CPU)
-    quantizer_dropout: float = 0.5
     seed: int = 0
     init: str | None = None  # weights to start from when OUT has no checkpoint (e.g. the shipped ones)
+    # The run's settings (keys of RECIPE). None means "not given": a new run takes RECIPE's value, a
+    # resumed run the value its checkpoint kept, so it goes on as it was started unless told otherwise.
+    lr: float | None = None
     decay_from: int | None = None  # step at which a cosine decay of the learning rate starts
-    decay_steps: int = 10_000
-    lr_min: float = 3e-5
+    decay_steps: int | None = None
+    lr_min: float | None = None
     ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept as best
-    new_lr_scale: float = 1.0  # learning-rate multiplier for the tensors ``init`` lacked (grown layers)
+    quantizer_dropout: float | None = None  # share of crops trained at a random depth 1..levels
+    new_lr_scale: float | None = None  # learning-rate multiplier for the tensors ``init`` lacked (grown layers)
+    batch: int | None = None
+    segment_seconds: float | None = None
+    adversarial_from: int | None = None  # step at which the discriminator joins
+    disc: str | None = None  # which discriminator (see streamtok.training.discriminator)
+    disc_batch: int | None = None  # items of each batch the GAN losses see (saves CPU)
 
+
+# The recipe's values of the run settings; None for the optional parts means "off" (no decay, no
+# weight average, no adversarial phase, the GAN losses see the whole batch).
+RECIPE: dict[str, object] = {
+    "lr": 3e-4, "decay_from": None, "decay_steps": 10_000, "lr_min": 3e-5, "ema": None,
+    "quantizer_dropout": 0.5, "new_lr_scale": 1.0, "batch": 8, "segment_seconds": 1.0,
+    "adversarial_from": None, "disc": "mpd", "disc_batch": None,
+}
+
+
+def settle(opts: TrainOptions, saved: dict | None = None) -> TrainOptions:
+    """``opts`` with every run setting not given filled in: from ``saved`` (a resumed run's own
+    settings) where it has the key, else from RECIPE."""
+    base = RECIPE | {k: v for k, v in (saved or {}).items() if k in RECIPE}
+    return dataclasses.replace(opts, **{k: base[k] for k in RECIPE if getattr(opts, k) is None})
+
+
+def saved_settings(ckpt: dict) -> dict:
+    """The run settings a checkpoint kept (older checkpoints kept only the schedule and the
+    weight average's decay)."""
+    if "options" in ckpt:
+        return ckpt["options"]
+    saved = dict(ckpt.get("schedule") or {})
+    if ckpt.get("ema_decay"):
+        saved["ema"] = ckpt["ema_decay"]
+    return saved
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
     """``lr`` until ``decay_from``, then a cosine down to ``lr_min`` over ``decay_steps``, then flat.
@@ -123,9 +151,14 @@ def train(opts: TrainOptions) -> None:
     model = CausalCodec(cfg).to(device)
     log.info("model %s: %.2f M parameters, %d Hz, frame %d", cfg.name,
              count_parameters(model) / 1e6, cfg.sample_rate, cfg.frame_size)
-    disc = build_discriminator(opts.disc).to(device)
     ckpt_path = out / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
+    given = {k for k in RECIPE if getattr(opts, k) is not None}
+    opts = settle(opts, saved_settings(ckpt) if ckpt is not None else None)
+    if ckpt is not None:
+        kept = {k: getattr(opts, k) for k in RECIPE if k not in given and getattr(opts, k) != RECIPE[k]}
+        log.info("resuming with the run's own settings%s", f" (kept: {kept})" if kept else "")
+    disc = build_discriminator(opts.disc).to(device)
     step, new = 0, []
     branched = ckpt is None and bool(opts.init)  # a new run from another run's weights
     if branched:
@@ -155,14 +188,7 @@ def train(opts: TrainOptions) -> None:
             log.info("discriminator changed (%s -> %s): it starts fresh", ckpt.get("disc_kind", "stft"),
                      opts.disc)
         step, best = ckpt["step"], ckpt.get("best", math.inf)
-        saved = ckpt.get("schedule")
-        if opts.decay_from is None and saved and saved.get("decay_from") is not None:
-            # A resume without schedule flags goes on with the run's decay, not back to full lr.
-            opts = dataclasses.replace(opts, **saved)
-            log.info("learning-rate schedule from the checkpoint: %s", saved)
         log.info("resumed from %s at step %d", ckpt_path, step)
-    if opts.ema is None and ckpt is not None and ckpt.get("ema_decay"):
-        opts = dataclasses.replace(opts, ema=ckpt["ema_decay"])  # a resume keeps averaging
     ema = WeightAverage(model, opts.ema) if opts.ema else None
     if ema is not None and ckpt is not None and "ema" in ckpt:
         ema.model.load_state_dict(ckpt["ema"])
@@ -245,8 +271,8 @@ def train(opts: TrainOptions) -> None:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                         "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "new_params": new, "best": best,
-                        "schedule": {k: getattr(opts, k) for k in ("lr", "decay_from", "decay_steps", "lr_min")},
-                        **({"ema": ema.model.state_dict(), "ema_decay": ema.decay} if ema is not None else {})},
+                        "options": {k: getattr(opts, k) for k in RECIPE},
+                        **({"ema": ema.model.state_dict()} if ema is not None else {})},
                        tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
