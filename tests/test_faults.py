@@ -1,18 +1,27 @@
 """Faults with a real server and real sockets: a failing model step, a vanished client, a slow
-reader, a burst, a stalled engine."""
+reader, a burst, a stalled engine; a client far ahead of real time (flow control, keepalive)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import doctest
 import socket
 import time
 
+import msgpack
 import numpy as np
+import pytest
 import torch
-from test_server import TINY, assert_same_codes, run, running_server, speech
+import websockets
+from test_server import START, TINY, _read_all, assert_same_codes, run, running_server, speech
+from websockets.protocol import State
 
+from streamtok.audio.pcm import encode_pcm
 from streamtok.client import ServerError, StreamtokClient
+from streamtok.engine import engine as engine_module
+from streamtok.engine import session as session_module
+from streamtok.engine.session import EncodeOptions, EncoderSession
 from streamtok.server.app import StreamtokServer
 from streamtok.server.config import ServerConfig
 
@@ -192,3 +201,217 @@ def test_stalled_engine_turns_unready_and_refuses_new_sessions():
     ready, refused, recovered = run(main())
     assert not ready and refused == "overloaded" and recovered
     assert torch.get_num_threads() == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Input flow control: a client far ahead of real time is slowed down, never refused
+
+
+async def _watch_held(server, seen: dict) -> None:
+    """Record whether a connection was ever held back and how full session buffers got."""
+    while True:
+        for c in server.connections:
+            if c.held is not None:
+                seen["held"] += 1
+            seen["paused_s"] = max(seen["paused_s"], c.paused_s)
+        for engine in server.engines.values():
+            for s in engine.encoders.values():
+                seen["fill"] = max(seen["fill"], s.ring.available / s.ring.capacity)
+            for d in engine.decoders.values():
+                seen["pending"] = max(seen["pending"], len(d.pending))
+        await asyncio.sleep(0.002)
+
+
+def _seen() -> dict:
+    return {"held": 0, "paused_s": 0.0, "fill": 0.0, "pending": 0}
+
+
+def test_audio_far_ahead_of_real_time_is_back_pressured_not_refused():
+    """20 s of audio sent at once, in messages 8 times the session's 0.5 s buffer: the server
+    stops reading until the model catches up instead of failing; every frame arrives with the
+    offline codes, the buffer never holds more than its capacity, and a live session beside
+    it keeps its exact codes."""
+    burst = np.tile(speech(3.0), 7)[: 16000 * 20]
+    live_audio = speech(2.0)
+    start = {"type": "start", "version": 1, "model": "tiny", "sample_rate": 16000,
+             "format": "f32le", "outputs": {"codes": True}}
+
+    async def bulk(url):
+        async with websockets.connect(url) as ws:
+            await ws.send(msgpack.packb(start))
+            await ws.recv()
+            reader = asyncio.create_task(_read_all(ws))
+            for i in range(0, len(burst), 64000):  # 4 s per message
+                await ws.send(msgpack.packb({"type": "audio",
+                                             "data": burst[i:i + 64000].astype("<f4").tobytes()}))
+            await ws.send(msgpack.packb({"type": "end"}))
+            return await reader, ws.close_code
+
+    async def live(url):
+        c = await StreamtokClient.connect(url, model="tiny", format="f32le")
+        for i in range(0, len(live_audio), 640):
+            await c.send_audio(live_audio[i:i + 640])
+            await asyncio.sleep(0.02)
+        await c.end()
+        return c
+
+    async def main():
+        async with running_server(buffer_seconds=0.5, max_frames_per_step=4) as (server, url):
+            seen = _seen()
+            watcher = asyncio.create_task(_watch_held(server, seen))
+            (out, close), c = await asyncio.gather(bulk(url), live(url))
+            watcher.cancel()
+            return out, close, c, seen
+
+    out, close, c, seen = run(main())
+    assert close == 1000 and not [m for m in out if m["type"] == "error"]
+    frames = [f for m in out if m["type"] == "tokens" for f in m["frames"]]
+    assert [f["index"] for f in frames] == list(range(500))
+    assert_same_codes(TINY, np.array([f["codes"] for f in frames]).T, burst, 16000, "f32le")
+    assert seen["held"] > 0 and 0 < seen["fill"] <= 1.0
+    assert not c.errors
+    assert_same_codes(TINY, c.codes(), live_audio, 16000, "f32le")
+
+
+def test_codes_far_ahead_of_decoding_are_back_pressured_not_refused():
+    """3200 frames of codes (128 s of audio) sent at once to a decode session holding 12
+    frames: all are decoded, in order, to the audio of an offline decode; nothing is refused."""
+    codes = np.random.default_rng(1).integers(0, 64, (3200, 4))
+    start = {"type": "start", "version": 1, "mode": "decode", "model": "tiny",
+             "sample_rate": 16000, "format": "f32le"}
+
+    async def main():
+        async with running_server(buffer_seconds=0.5, max_frames_per_step=4) as (server, url):
+            seen = _seen()
+            watcher = asyncio.create_task(_watch_held(server, seen))
+            async with websockets.connect(url) as ws:
+                await ws.send(msgpack.packb(start))
+                await ws.recv()
+                reader = asyncio.create_task(_read_all(ws))
+                for i in range(0, len(codes), 400):
+                    await ws.send(msgpack.packb({"type": "codes", "frames": codes[i:i + 400].tolist()}))
+                await ws.send(msgpack.packb({"type": "end"}))
+                out = await reader
+            watcher.cancel()
+            return out, ws.close_code, seen
+
+    out, close, seen = run(main())
+    assert close == 1000 and not [m for m in out if m["type"] == "error"]
+    assert out[-1] == {"type": "flushed", "last_frame": 3199}
+    got = np.frombuffer(b"".join(m["data"] for m in out if m["type"] == "audio"), "<f4")
+    with torch.inference_mode():
+        ref = TINY.decode_step(torch.from_numpy(codes.T)[None], TINY.decoder_streamer(1), None)[0]
+    assert len(got) == 3200 * 640
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    assert seen["held"] > 0 and seen["pending"] <= 12
+
+
+def test_keepalive_spares_a_back_pressured_session():
+    """A client whose pong waits in the socket behind seconds of audio the server is not
+    reading yet (backpressure) is not taken for dead, even though that pong arrives long
+    after the keepalive timeout, nor idle; every frame arrives."""
+    model = Faulty(TINY)
+    model.stall_s = 0.03  # a slow model: 2 frames per 30 ms step, ~2.5x real time
+    audio = np.tile(speech(3.0), 3)[: 16000 * 8]
+    start = {"type": "start", "version": 1, "model": "tiny", "sample_rate": 16000,
+             "format": "f32le", "outputs": {"codes": True}}
+
+    async def main():
+        async with faulty_server(model, buffer_seconds=0.2, max_frames_per_step=2,
+                                 idle_timeout_s=0.3) as (server, url):
+            server.keepalive_interval_s, server.keepalive_timeout_s = 0.1, 0.4
+            async with websockets.connect(url) as ws:
+                await ws.send(msgpack.packb(start))
+                await ws.recv()
+                conn = next(iter(server.connections))
+                rtts = []
+
+                async def watch_rtt():
+                    while True:
+                        rtts.append(conn.ws.latency)
+                        await asyncio.sleep(0.01)
+
+                watcher = asyncio.create_task(watch_rtt())
+                reader = asyncio.create_task(_read_all(ws))
+                for i in range(0, len(audio), 640):  # 200 small messages: far more than
+                    await ws.send(msgpack.packb(    # websockets buffers, the rest waits in TCP
+                        {"type": "audio", "data": audio[i:i + 640].astype("<f4").tobytes()}))
+                await ws.send(msgpack.packb({"type": "end"}))
+                out = await reader
+                watcher.cancel()
+            return out, ws.close_code, conn.paused_s, max(rtts)
+
+    out, close, paused_s, rtt = run(main())
+    assert close == 1000 and not [m for m in out if m["type"] == "error"]
+    frames = [f for m in out if m["type"] == "tokens" for f in m["frames"]]
+    assert [f["index"] for f in frames] == list(range(200))
+    assert_same_codes(TINY, np.array([f["codes"] for f in frames]).T, audio, 16000, "f32le")
+    assert paused_s > 1.0 and rtt > 0.4  # held back longer than the timeout, pongs that late
+
+
+def test_keepalive_closes_a_client_that_stops_answering():
+    """A client that stops reading its socket (no pong) while the server is waiting for its
+    messages is closed with 1011 once the keepalive timeout has passed."""
+    async def main():
+        async with running_server() as (server, url):
+            server.keepalive_interval_s, server.keepalive_timeout_s = 0.1, 0.3
+            async with websockets.connect(url) as ws:
+                await ws.send(msgpack.packb(START))
+                await ws.recv()
+                conn = next(iter(server.connections))
+                t0 = time.monotonic()
+                ws.transport.pause_reading()  # pings pile up unanswered
+                while conn.ws.state is State.OPEN and time.monotonic() - t0 < 5:
+                    await asyncio.sleep(0.01)
+                elapsed = time.monotonic() - t0
+                ws.transport.resume_reading()
+                await _read_all(ws)
+                return elapsed, ws.close_code
+
+    elapsed, close = run(main())
+    assert close == 1011 and 0.3 <= elapsed < 2.0
+
+
+class _NullSink:
+    def on_tokens(self, results) -> None: ...
+
+    def on_audio(self, start_frame, pcm) -> None: ...
+
+    def on_flushed(self, last_frame) -> None: ...
+
+    def on_error(self, error) -> None: ...
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 48000])
+@pytest.mark.parametrize(("fmt", "channels"), [("s16le", 1), ("f32le", 2)])
+def test_session_buffer_takes_what_it_has_room_for_and_never_overflows(rate, fmt, channels):
+    """Pushing at most `room_bytes` at a time (random packets, cut anywhere) fills the session's
+    buffer to within a few samples of full without ever overflowing it, a flush then still
+    fits (resampler tail and padding), and the samples taken equal the samples sent."""
+    rng = np.random.default_rng(rate + channels)
+    session = EncoderSession("s", 0, 640, 16000, rate, fmt, channels, EncodeOptions(levels=1),
+                             _NullSink(), buffer_seconds=0.3, min_frames=4)
+    block = (2 if fmt == "s16le" else 4) * channels
+    pcm = encode_pcm(np.repeat(speech(2.0, rate), channels) * 0.5, fmt)
+    sent = 0
+    out = np.zeros(session.ring.capacity, np.float32)
+    while sent < len(pcm):
+        room = session.room_bytes()
+        if room == 0:  # full: the engine takes frames, as a step would
+            assert session.ring.free - session.reserve < -(-16000 // rate) + 1
+            n = session.frames_ready
+            session.take(n, out)
+            continue
+        n = min(room, int(rng.integers(1, 5000)), len(pcm) - sent)
+        session.push(pcm[sent:sent + n], 0.0)
+        sent += n
+        assert session.ring.available <= session.ring.capacity - session.reserve
+    assert session.samples_in == len(pcm) // block
+    session.flush_input(0.0)  # raises BufferOverflowError if the tail or padding did not fit
+
+
+def test_engine_docstring_examples_hold():
+    """The worked examples in the engine's docstrings (step planning, buffer arithmetic) hold."""
+    for module in (engine_module, session_module):
+        result = doctest.testmod(module)
+        assert result.attempted >= 1 and result.failed == 0, module.__name__

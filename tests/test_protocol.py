@@ -422,6 +422,11 @@ REACHABLE = {
         ErrorCode.BAD_AUDIO,
         True,
     ),
+    "huge-f32-audio": (
+        [start(format="f32le"), {"type": "audio", "data": np.array([0.5, 3e38], "<f4").tobytes()}],
+        ErrorCode.BAD_AUDIO,
+        True,
+    ),
     "audio-before-start": ([AUDIO], ErrorCode.OUT_OF_ORDER, True),
     "flush-before-start": ([{"type": "flush"}], ErrorCode.OUT_OF_ORDER, True),
     "start-twice": ([start(), start()], ErrorCode.OUT_OF_ORDER, True),
@@ -545,7 +550,7 @@ BAD_START_VALUES: dict[str, list[Any]] = {
     "frames_per_message": [0, -1, 10**9, 1.5, True],
     "client": ["c" * 201, 5, [], True],
 }
-REQUIRED_START_FIELDS = {"model", "sample_rate", "format", "outputs"}
+REQUIRED_START_FIELDS = {"model", "sample_rate", "format"}  # `outputs` absent: the model's own tokens
 
 
 @pytest.mark.parametrize(
@@ -791,6 +796,50 @@ def test_f32_audio_split_anywhere(
         assert f"audio sample {bad_at} " in v.message
 
 
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [(proto.MAX_F32_SAMPLE, True), (-proto.MAX_F32_SAMPLE, True), (1.5, True),
+     (np.nextafter(np.float32(proto.MAX_F32_SAMPLE), np.float32(np.inf)), False),
+     (32767.0, False), (-3.4e38, False)],
+    ids=["limit", "-limit", "over-full-scale", "just-over", "int16-as-float", "-3.4e38"],
+)
+def test_f32_samples_beyond_the_documented_range_are_refused(value: float, accepted: bool) -> None:
+    """f32le samples up to ±MAX_F32_SAMPLE pass; beyond it, `bad_audio` names the sample and the
+    limit (a finite 3e38 would otherwise turn the model's latents into NaN)."""
+    data = np.array([0.0, 0.25, value], "<f4").tobytes()
+    events = feed(SessionProtocol(), start(format="f32le"), {"type": "audio", "data": data[:5]},
+                  {"type": "audio", "data": data[5:]})
+    if accepted:
+        assert isinstance(events[-1], AudioReceived)
+        return
+    v = violation(events)
+    assert (v.code, v.fatal) == (ErrorCode.BAD_AUDIO, True)
+    assert "audio sample 2 " in v.message and f"±{proto.MAX_F32_SAMPLE:g}" in v.message
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [(b"\xc1\xc1garbage", "0xc1"), (b"\x81", "truncated"), (b"", "truncated"),
+     (pack(start()) + b"\x00", "trailing bytes"), (b"\x81\xa4type\xa2\xff\xfe", "UTF-8")],
+    ids=["never-used-byte", "map-cut-short", "empty", "trailing", "bad-utf8"],
+)
+def test_invalid_msgpack_is_explained(data: bytes, says: str) -> None:
+    """A message that is not msgpack gets a `bad_message` that says what is wrong with it
+    (msgpack's own exception text is empty for some of these)."""
+    v = violation(feed(SessionProtocol(), data))
+    assert v.code is ErrorCode.BAD_MESSAGE
+    assert says in v.message and not v.message.endswith(": ")
+
+
+def test_nil_required_field_is_reported_missing() -> None:
+    """`model: nil` is a missing required field, and the error says so."""
+    v = violation(feed(SessionProtocol(catalog=CATALOG), start(model=None) | {"model": None}))
+    assert v.code is ErrorCode.BAD_FIELD
+    assert v.message.startswith("start.model must be") and "counts as missing" in v.message
+    absent = violation(feed(SessionProtocol(catalog=CATALOG), start(model=None)))
+    assert absent.message.endswith("it is missing")
+
+
 def test_check_finite_can_be_disabled() -> None:
     """With check_finite off NaN audio passes through (the engine may clean it itself)."""
     nan = np.array([math.nan], "<f4").tobytes()
@@ -951,3 +1000,22 @@ def test_flushed_requires_last_frame_key() -> None:
     assert parse_server_message(pack({"type": "flushed", "last_frame": None})) == FlushedMessage(
         None
     )
+
+
+def test_outputs_tokens_pick_the_models_own_kind_and_are_the_default() -> None:
+    base = {"type": "start", "version": 1, "model": "codec", "sample_rate": 16000, "format": "s16le"}
+    msg = parse_client_message(msgpack.packb(base), max_size=1 << 20)
+    assert msg.outputs == Outputs(tokens=True)  # no `outputs`: the model's own tokens
+    assert resolve_outputs(msg.outputs, CATALOG["codec"]) == ResolvedOutputs(codes=8)
+    units = parse_client_message(msgpack.packb(base | {"model": "units-only", "outputs": {"tokens": True}}), max_size=1 << 20)
+    validate_start(units, CATALOG)
+    assert resolve_outputs(units.outputs, CATALOG["units-only"]) == ResolvedOutputs(units=True)
+    both = Outputs(tokens=True, latents=True)
+    assert resolve_outputs(both, CATALOG["codec"]) == ResolvedOutputs(codes=8, latents=True)
+    sent = StartMessage(model="codec", sample_rate=16000, format=AudioFormat.S16LE, outputs=both)
+    assert parse_client_message(encode_client_message(sent), max_size=1 << 20).outputs == both  # round trip
+    with pytest.raises(ProtocolError, match="outputs.tokens") as e:
+        parse_client_message(msgpack.packb(base | {"outputs": {"tokens": True, "codes": 2}}), max_size=1 << 20)
+    assert e.value.code is ErrorCode.BAD_FIELD
+    with pytest.raises(ProtocolError, match="neither codes nor units"):
+        validate_start(msg, {"codec": ModelLimits(latents=True)})

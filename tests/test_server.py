@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import urllib.request
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -15,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from streamtok.audio.pcm import decode_pcm, encode_pcm
+from streamtok.audio.polyphase import PolyphaseResampler
 from streamtok.audio.resample import resample
 from streamtok.client import ServerError, StreamtokClient, stream_array
 from streamtok.models.codec import CausalCodec, CodecConfig
@@ -270,8 +273,9 @@ START = {"type": "start", "version": 1, "model": "tiny", "sample_rate": 16000, "
     ([START, START], "out_of_order", 1008),
     ([START, {"type": "audio", "data": np.array([0.1, np.nan], "<f4").tobytes()}], "bad_audio", 1007),
     ([START, {"type": "audio", "data": b"\x00" * 70_000}], "too_big", 1009),
+    ([START, {"type": "audio", "data": np.array([0.1, 3e38], "<f4").tobytes()}], "bad_audio", 1007),
 ], ids=["malformed", "text", "version", "rate", "channels", "format", "model", "audio-first",
-        "start-twice", "nan", "oversize"])
+        "start-twice", "nan", "oversize", "huge-float"])
 def test_bad_input_gets_its_error_and_others_keep_running(messages, code, close):
     """Each documented error arrives with its code and close code; a live session is unharmed."""
     audio = speech(2.0)
@@ -485,3 +489,128 @@ def test_token_in_start_auth_is_accepted():
             return ok[0]["type"], refused[-1]["code"], close
 
     assert run(main()) == ("ready", "unauthorized", 4401)
+
+
+def test_decode_session_honours_channels_levels_and_rate():
+    """A decode session sending 2 of tiny's 4 levels, asking for 24 kHz stereo, gets `ready`
+    with no token outputs, then the offline decode of those 2 levels, resampled, on both
+    channels; the resampler's tail comes with the last frame's index, never a frame past it."""
+    audio = speech(1.0)
+    codes = encode_array(TINY, audio, 16000).codes[:2]  # [2, T]
+    frames = codes.T.tolist()
+    start = {"type": "start", "version": 1, "mode": "decode", "model": "tiny",
+             "sample_rate": 24000, "format": "f32le", "channels": 2}
+
+    async def main():
+        async with running_server() as (_, url):
+            return await _raw_session(url, [start] + [{"type": "codes", "frames": frames[i:i + 7]}
+                                                      for i in range(0, len(frames), 7)]
+                                      + [{"type": "end"}])
+
+    out, close = run(main())
+    assert close == 1000 and not [m for m in out if m["type"] == "error"]
+    assert out[0]["type"] == "ready" and out[0]["outputs"] == {"codes": 0, "units": False, "latents": False}
+    chunks = [m for m in out if m["type"] == "audio"]
+    indices = [m["index"] for m in chunks]
+    assert indices == sorted(indices) and indices[-1] == len(frames) - 1
+    assert out[-1] == {"type": "flushed", "last_frame": len(frames) - 1}
+    pcm = np.frombuffer(b"".join(m["data"] for m in chunks), "<f4").reshape(-1, 2)
+    np.testing.assert_array_equal(pcm[:, 0], pcm[:, 1])
+    with torch.inference_mode():
+        ref16 = TINY.decode_step(torch.from_numpy(codes)[None], TINY.decoder_streamer(1), None)[0].numpy()
+    up = PolyphaseResampler(16000, 24000)
+    ref = np.concatenate([up.process(ref16.astype(np.float32)), up.flush()])
+    assert len(pcm) == len(ref) == len(frames) * 960
+    np.testing.assert_allclose(pcm[:, 0], ref, atol=1e-5)
+
+
+def test_ready_lists_the_start_fields_it_ignored():
+    """Unknown keys of `start` come back in `ready.ignored_fields`, sorted; known ones do not."""
+    async def main():
+        async with running_server() as (_, url):
+            return await _raw_session(url, [START | {"zz_new_option": 1, "colour": "red",
+                                                     "client": "test/1"}, {"type": "end"}])
+
+    out, close = run(main())
+    assert out[0]["type"] == "ready" and out[0]["ignored_fields"] == ["colour", "zz_new_option"]
+    assert close == 1000
+
+
+def test_shutdown_with_a_partial_sample_flushes_the_whole_ones():
+    """A session whose audio ends inside a sample block when the server shuts down gets the
+    tokens of its whole samples, a non-fatal `bad_audio` saying the trailing bytes were
+    dropped, `flushed`, and close 1001 like every other session."""
+    audio = speech(1.0)
+    pcm = encode_pcm(audio, "s16le")
+    start = START | {"format": "s16le"}
+
+    async def main():
+        async with running_server() as (server, url):
+            async with connect(url) as ws:
+                await ws.send(msgpack.packb(start))
+                await ws.recv()
+                await ws.send(msgpack.packb({"type": "audio", "data": pcm + b"\x07"}))
+                await ws.send(msgpack.packb({"type": "ping", "t": 1.0}))
+                out = []
+                while not out or out[-1]["type"] != "pong":  # the audio has been read
+                    out.append(msgpack.unpackb(await ws.recv()))
+                await server.shutdown()
+                return out + await _read_all(ws), ws.close_code
+
+    out, close = run(main())
+    assert close == 1001
+    errors = [m for m in out if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == "bad_audio" and errors[0]["fatal"] is False
+    assert "1 trailing byte " in errors[0]["message"]
+    frames = [f for m in out if m["type"] == "tokens" for f in m["frames"]]
+    assert out[-1] == {"type": "flushed", "last_frame": len(frames) - 1}
+    codes = np.array([f["codes"] for f in frames]).T
+    assert_same_codes(TINY, codes, audio, 16000, "s16le")
+
+
+def _documented_stats() -> set[str]:
+    """The `stats.values` names of PROTOCOL.md §5's table."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+    table = text.split("`stats.values`", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    return names
+
+
+def test_stats_names_are_the_documented_ones():
+    """Every `stats` value the server sends is documented in PROTOCOL.md, and every documented
+    one is sent (`rtt_ms` once a keepalive ping has been answered)."""
+    audio = speech(1.0)
+
+    async def main():
+        async with running_server(stats_interval_s=0.1) as (server, url):
+            server.keepalive_interval_s = 0.05
+            c = await StreamtokClient.connect(url, model="tiny", format="f32le")
+            for i in range(0, len(audio), 1600):
+                await c.send_audio(audio[i:i + 1600])
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            stats = dict(c.server_stats)
+            await c.end()
+            return stats
+
+    stats = run(main())
+    assert set(stats) == _documented_stats()
+    assert stats["frames"] == 25 and stats["out_queue"] >= 0 and stats["rtt_ms"] > 0
+
+
+def test_capacity_error_counts_in_words():
+    """At a limit of one session the refusal says '1 session', not '1 sessions'."""
+    async def main():
+        async with running_server(max_sessions=1) as (_, url):
+            a = await StreamtokClient.connect(url, model="tiny")
+            with pytest.raises(ServerError) as info:
+                await StreamtokClient.connect(url, model="tiny")
+            await a.close()
+            return info.value
+
+    err = run(main())
+    assert err.code == "too_many_sessions" and "already serves 1 session" in err.message
+    assert "1 sessions" not in err.message

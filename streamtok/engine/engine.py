@@ -19,7 +19,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,51 +229,76 @@ class ModelEngine:
         return len(self.encoders) + len(self.decoders)
 
     # -- sessions ---------------------------------------------------------------------------------
+    @property
+    def buffer_frames(self) -> int:
+        """Frames of input a session holds before the server stops reading it: ``buffer_seconds``,
+        but at least a catch-up step's worth (a live session steps once it has k frames, so a
+        buffer smaller than a step could never fill one)."""
+        frames = int(self.buffer_seconds * self.card.sample_rate / self.card.frame_size)
+        return max(frames, self.max_frames_per_step, self.first_step_frames, 2)
+
+    def _full(self, kind: str) -> str:
+        n = self.max_sessions
+        return f"model {self.name!r} already serves {n} {kind}session{'' if n == 1 else 's'}"
+
     def open_encoder(self, input_rate: int, fmt: SampleFormat | str, channels: int,
                      options: EncodeOptions, sink: SessionSink) -> EncoderSession:
         if not self._free_enc:
-            raise CapacityError(f"model {self.name!r} already serves {self.max_sessions} sessions")
+            raise CapacityError(self._full(""))
         if options.levels:
             self.model.check_levels(options.levels)
         slot = self._free_enc.pop()
         self._enc_streamer.reset(torch.tensor([slot]))
         sid = f"{next(self._ids):x}-{secrets.token_hex(4)}"
         session = EncoderSession(sid, slot, self.card.frame_size, self.card.sample_rate, input_rate,
-                                 fmt, channels, options, sink, self.buffer_seconds)
+                                 fmt, channels, options, sink, self.buffer_seconds,
+                                 min_frames=self.buffer_frames)
         self.encoders[slot] = session
         log.debug("session %s: encode on %s slot %d", sid, self.name, slot)
         return session
 
-    def open_decoder(self, levels: int, output_rate: int, fmt: SampleFormat | str,
+    def open_decoder(self, output_rate: int, fmt: SampleFormat | str, channels: int,
                      sink: SessionSink) -> DecoderSession:
+        """A decode session; its number of levels (1 to the model's) is fixed by its first frame."""
         if self._dec_streamer is None:
             raise StreamtokError(f"model {self.name!r} cannot decode")
         if not self._free_dec:
-            raise CapacityError(f"model {self.name!r} already serves {self.max_sessions} decode sessions")
-        self.model.check_levels(levels)
+            raise CapacityError(self._full("decode "))
         slot = self._free_dec.pop()
         self._dec_streamer.reset(torch.tensor([slot]))
         sid = f"{next(self._ids):x}-{secrets.token_hex(4)}"
-        session = DecoderSession(sid, slot, levels, self.card.sample_rate, output_rate, fmt, sink)
+        session = DecoderSession(sid, slot, self.card.sample_rate, output_rate, fmt, channels, sink,
+                                 max_pending=self.buffer_frames)
         self.decoders[slot] = session
         return session
 
-    def push_audio(self, session: EncoderSession, data: bytes) -> None:
-        """Feed client PCM (any length). Raises AudioFormatError / BufferOverflowError."""
-        if session.push(data, self.clock()):
+    def push_audio(self, session: EncoderSession, data: bytes | memoryview,
+                   received_at: float | None = None) -> int:
+        """Feed client PCM (any length): take as much of it as the session's buffer has room
+        for and return how many bytes that was. The caller keeps the rest and offers it again
+        once the engine has taken frames (``sink.on_tokens``): backpressure, nothing dropped.
+        ``received_at``: when the message arrived (the frames' ``audio_complete``; default now).
+        Raises AudioFormatError."""
+        n = min(len(data), session.room_bytes())
+        if n and session.push(memoryview(data)[:n], self.clock() if received_at is None else received_at):
             self._wake.set()
+        return n
 
-    def push_codes(self, session: DecoderSession, frames: list[list[int]]) -> None:
-        cardinality = min(lvl.cardinality for lvl in self.card.levels[: session.levels])
-        if session.push(frames, cardinality):
+    def push_codes(self, session: DecoderSession, frames: Sequence[Sequence[int]]) -> int:
+        """Queue frames of codes, as many as the session has room for; return how many (the
+        caller offers the rest again after ``sink.on_audio``). Raises AudioFormatError."""
+        n = min(len(frames), session.room())
+        if n and session.push(frames[:n], [lv.cardinality for lv in self.card.levels]):
             self._wake.set()
+        return n
 
-    def flush(self, session: EncoderSession | DecoderSession) -> None:
+    def flush(self, session: EncoderSession | DecoderSession, drop_partial: bool = False) -> None:
         """Cut the stream: emit every remaining frame (the partial one padded), then
         ``sink.on_flushed``; the audio after it starts from a fresh model state.
-        Raises AudioFormatError when the input ends inside a sample."""
+        Raises AudioFormatError when the input ends inside a sample block, unless
+        ``drop_partial`` (server shutdown: those bytes are dropped)."""
         if isinstance(session, EncoderSession):
-            session.flush_input(self.clock())
+            session.flush_input(self.clock(), drop_partial)
         else:
             session.flush_input()
         self._wake.set()
@@ -350,8 +375,9 @@ class ModelEngine:
                         starting.append(s.slot)
                     elif s.boundaries:  # a stream shorter than that: try what there is
                         ready.append((s.slot, n))
-                elif kind == "dec" or n >= k or s.boundaries:
-                    # a live session waits for k frames; one cut by a flush steps what it has
+                elif kind == "dec" or n >= k or s.boundaries or not s.room_bytes():
+                    # a live session waits for k frames; one cut by a flush steps what it has,
+                    # and so does one whose buffer is full (the server has stopped reading it)
                     ready.append((s.slot, n))
             if starting:
                 plans.append((kind, first, starting))
@@ -547,6 +573,6 @@ class ModelEngine:
         for d in list(self.decoders.values()):
             if not d.closed:
                 for last, tail in d.pop_flushed():
-                    if tail:
-                        d.sink.on_audio(d.frames_emitted, tail)
+                    if tail:  # the end of the last frame's audio, held back by the resampler
+                        d.sink.on_audio(last, tail)
                     d.sink.on_flushed(last)

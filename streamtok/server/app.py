@@ -5,6 +5,12 @@ One :class:`Connection` per client: it feeds received messages to a ``SessionPro
 the events (open a session on an engine, push audio, flush, end), and sends what the engine
 delivers through a bounded queue drained by a writer task. HTTP routes share the port:
 ``/healthz``, ``/readyz``, ``/metrics`` and the browser page at ``/``.
+
+Input flow control: a session's engine buffer holds ``buffer_seconds``; when a message does not
+fit, the connection keeps the rest and stops reading its socket until the engine has taken
+frames (websockets then stops reading too, and TCP pushes back on the client). Nothing is
+dropped, and memory per connection stays bounded: the engine buffer, one held message, and
+websockets' queue of ``WS_MAX_QUEUE`` frames.
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from streamtok import __version__
 from streamtok.engine.engine import CapacityError, ModelEngine
 from streamtok.engine.session import DecoderSession, EncodeOptions, EncoderSession, FrameResults
 from streamtok.engine.tuner import Decision, TunerConfig
-from streamtok.errors import AudioFormatError, BufferOverflowError, StreamtokError
+from streamtok.errors import AudioFormatError, StreamtokError
 from streamtok.models.base import Tokenizer
 from streamtok.models.registry import load_model
 from streamtok.server import protocol as P
@@ -81,6 +88,8 @@ REDACT_SECRETS = RedactSecrets()
 for _name in ("websockets.server", "websockets.client"):
     logging.getLogger(_name).addFilter(REDACT_SECRETS)
 _CLOSE = object()  # writer-queue sentinel: close the connection after what is queued
+WS_MAX_QUEUE = 16  # incoming frames websockets buffers before it stops reading the socket
+_INPUT_EVENTS = (P.AudioReceived, P.CodesReceived, P.FlushRequested, P.EndRequested)
 
 
 def wire_card(card: Any) -> P.ModelCard:
@@ -211,14 +220,23 @@ class Connection:
         self.token = server.bearer(ws.request)  # what this client authenticated with
         self.handle: ResumableSession | None = None  # encode sessions: survives reconnects
         self.failed = False
+        # Backpressure: the part of the last audio/codes message the engine had no room for.
+        self.held: memoryview | tuple | None = None
+        self.held_at = 0.0  # when that message was received
+        self.room = asyncio.Event()  # set when the engine has taken input (or on close)
+        self.paused_s = 0.0  # time spent deliberately not reading (backpressure, rate limits)
+        self._paused_since: float | None = None
+        self.frames_sent = 0
 
     # -- sink: called by the engine on the event-loop thread ------------------------------------
     def on_tokens(self, res: FrameResults) -> None:
         if self.handle is not None:
             self.handle.add(res)
+        self.room.set()  # the step took these frames out of the session's buffer
         self._enqueue(("tokens", res))
 
     def on_audio(self, start_frame: int, pcm: bytes) -> None:
+        self.room.set()
         self._enqueue(("audio", start_frame, pcm))
 
     def on_flushed(self, last_frame: int | None) -> None:
@@ -262,6 +280,8 @@ class Connection:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(("close", code.close_code, code.value))
         self.closed.set()
+        self.held = None
+        self.room.set()
 
     def warn(self, code: P.ErrorCode, message: str) -> None:
         self.server.metrics.errors.inc(code=code.value)
@@ -300,6 +320,7 @@ class Connection:
                     metrics.latency.observe(lat, model=self.model_name)
                     metrics.queueing.observe(res.compute_start - t, model=self.model_name)
                 metrics.frames.inc(res.count, model=self.model_name)
+                self.frames_sent += res.count
             elif kind == "audio":
                 data = P.encode_server_message(P.DecodedAudioMessage(
                     data=item[2], index=item[1], sample_rate=self.session.resampler.out_rate))
@@ -322,6 +343,9 @@ class Connection:
     # -- incoming ------------------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self.writer())
+        keepalive = asyncio.create_task(self.keepalive())
+        gone = asyncio.ensure_future(self.ws.wait_closed())
+        gone.add_done_callback(lambda _: self.room.set())  # wakes a read loop held back
         peer_gone = False
         try:
             refusal = self.server.check_request(self.ws.request)
@@ -336,6 +360,8 @@ class Connection:
         except ConnectionClosed:
             peer_gone = True  # the client closed or vanished: nothing queued can reach it
         finally:
+            keepalive.cancel()
+            gone.cancel()
             if not self._detach():
                 self._stop_session()
             if peer_gone:
@@ -353,28 +379,93 @@ class Connection:
         limiter = RateLimiter(self.cfg.max_messages_per_s, self.cfg.max_bytes_per_s,
                               self.cfg.rate_burst_s, self.server.clock)
         while not self.closed.is_set():
+            if self.held is not None:
+                await self._wait_for_room()
+                continue
+            # The idle timeout runs only here: time held back by backpressure is not idle, and
+            # after `end` (or shutdown) the client has nothing left to send while it waits.
+            idle = None if self.ending else self.cfg.idle_timeout_s
             try:
-                data = await asyncio.wait_for(self.ws.recv(), timeout=self.cfg.idle_timeout_s)
+                data = await asyncio.wait_for(self.ws.recv(), timeout=idle)
             except TimeoutError:
                 self.fail(P.ErrorCode.IDLE_TIMEOUT, f"no message for {self.cfg.idle_timeout_s:g} s")
                 return
+            received_at = self.server.clock()
             for event in self.proto.receive(data):
-                self._handle(event)
+                self._handle(event, received_at)
             wait = limiter.take(len(data))
             if wait > 0:  # over the rate: stop reading for a while (TCP backpressure, no loss)
                 self.throttled_s += wait
-                await asyncio.sleep(wait)
+                with self._not_reading():
+                    await asyncio.sleep(wait)
 
-    def _handle(self, ev: Any) -> None:
+    async def _wait_for_room(self) -> None:
+        """Backpressure: the engine had no room for all of the last message. Read nothing more
+        (websockets stops reading the socket once its queue is full; TCP then blocks the
+        client's sends) until the engine has taken frames, and offer the rest again; the next
+        message is read only once all of this one is in. Nothing is dropped, and a pong
+        (``ping``) still proves that everything sent before it was taken."""
+        with self._not_reading():
+            while self.held is not None and not self.closed.is_set():
+                if self.ws.state is State.CLOSED:
+                    raise self.ws.protocol.close_exc  # the peer is gone: as if recv() saw it
+                self.room.clear()
+                held, self.held = self.held, None
+                if isinstance(held, tuple):
+                    self._codes(held, self.held_at)
+                else:
+                    self._audio(held, self.held_at)
+                if self.held is not None:
+                    await self.room.wait()
+
+    @contextlib.contextmanager
+    def _not_reading(self):
+        """Time spent here is not reading time (see :meth:`reading_time`)."""
+        self._paused_since = self.server.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.server.clock() - self._paused_since
+            self._paused_since = None
+
+    def reading_time(self) -> float:
+        """A clock that stands still while the connection deliberately does not read."""
+        now = self.server.clock()
+        paused = self.paused_s + (now - self._paused_since if self._paused_since is not None else 0.0)
+        return now - paused
+
+    async def keepalive(self) -> None:
+        """Ping the client every ``keepalive_interval_s``. A pong missing after
+        ``keepalive_timeout_s`` of reading time means the peer is gone: close 1011, as
+        websockets' own keepalive would (an encode session stays resumable). Time held back by
+        backpressure or the rate limits does not count: the pong may be waiting in the socket
+        behind audio the server has not read yet."""
+        interval, timeout = self.server.keepalive_interval_s, self.server.keepalive_timeout_s
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                pong = await self.ws.ping()
+                deadline = self.reading_time() + timeout
+                while not pong.done():
+                    left = deadline - self.reading_time()
+                    if left <= 0:
+                        session_log.info("session %s: no pong after %g s of reading; closing",
+                                         self.sid, timeout)
+                        await self.ws.close(P.CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                        return
+                    await asyncio.wait([pong], timeout=left)
+                if pong.cancelled() or pong.exception() is not None:  # the connection closed
+                    return
+
+    def _handle(self, ev: Any, received_at: float) -> None:
+        if self.server.stopping and isinstance(ev, _INPUT_EVENTS):
+            return  # shutting down: the session was flushed; input sent since is not taken
         if isinstance(ev, P.AudioReceived):
-            self._audio(ev.data)
+            self._audio(ev.data, received_at)
         elif isinstance(ev, P.StartRequested):
             self._start(ev.message)
         elif isinstance(ev, P.CodesReceived):
-            try:
-                self.engine.push_codes(self.session, ev.frames)
-            except AudioFormatError as e:
-                self.fail(P.ErrorCode.BAD_FIELD, str(e))
+            self._codes(ev.frames, received_at)
         elif isinstance(ev, P.FlushRequested):
             self._flush()
         elif isinstance(ev, P.EndRequested):
@@ -410,9 +501,9 @@ class Connection:
         limits = self.server.catalog[msg.model]
         try:
             if msg.mode is P.SessionMode.DECODE:
-                self.session = engine.open_decoder(limits.max_levels, msg.sample_rate,
-                                                   msg.format.value, self)
-                outputs = P.ResolvedOutputs(codes=limits.max_levels)
+                self.session = engine.open_decoder(msg.sample_rate, msg.format.value, msg.channels,
+                                                   self)
+                outputs = P.ResolvedOutputs()  # a decode session returns audio, no tokens
             else:
                 outputs = P.resolve_outputs(msg.outputs, limits)
                 opts = EncodeOptions(levels=outputs.codes, latents=outputs.latents, units=outputs.units)
@@ -439,7 +530,7 @@ class Connection:
         self.send_message(P.ReadyMessage(
             session=self.sid, resume_token=token, model=wire_card(engine.card),
             input_sample_rate=msg.sample_rate, send_hint_ms=engine.tuner.hint_ms(),
-            mode=msg.mode, outputs=outputs))
+            mode=msg.mode, outputs=outputs, ignored_fields=msg.ignored_fields))
 
     def _resume(self, msg: P.StartMessage) -> None:
         """Take over a dropped session: same stream state; replay frames after ``last_frame``."""
@@ -479,7 +570,8 @@ class Connection:
             input_sample_rate=msg.sample_rate,
             send_hint_ms=self.engine.tuner.hint_ms(), mode=msg.mode,
             outputs=P.resolve_outputs(handle.start.outputs, self.server.catalog[msg.model]),
-            resumed=True, resume_sample=handle.session.samples_in))
+            ignored_fields=msg.ignored_fields, resumed=True,
+            resume_sample=handle.session.samples_in))
         for res in handle.frames_after(msg.resume.last_frame):
             self._enqueue(("tokens", res))
         for item in handle.pending:
@@ -500,27 +592,65 @@ class Connection:
                          self.cfg.resume_grace_s)
         return True
 
-    def _audio(self, data: bytes) -> None:
+    def _audio(self, data: bytes | memoryview, received_at: float) -> None:
+        """Give PCM to the engine; what does not fit is held (backpressure, see the read loop)."""
         if self.session is None or not isinstance(self.session, EncoderSession):
             return
         try:
-            self.engine.push_audio(self.session, data)
+            taken = self.engine.push_audio(self.session, data, received_at)
         except AudioFormatError as e:
             self.fail(P.ErrorCode.BAD_AUDIO, str(e))
-        except BufferOverflowError as e:
-            self.fail(P.ErrorCode.OVERLOADED, f"input backlog over {self.cfg.buffer_seconds:g} s: {e}")
+            return
+        except StreamtokError as e:  # a bug (more than the room offered): this session only
+            self.fail(P.ErrorCode.INTERNAL, f"audio input: {e}")
+            return
+        if taken < len(data):
+            self.held, self.held_at = memoryview(data)[taken:], received_at
 
-    def _flush(self) -> None:
+    def _codes(self, frames: tuple, received_at: float) -> None:
+        """Give frames of codes to the engine; what does not fit is held (backpressure)."""
+        if self.session is None or not isinstance(self.session, DecoderSession):
+            return
+        try:
+            taken = self.engine.push_codes(self.session, frames)
+        except AudioFormatError as e:
+            self.fail(P.ErrorCode.BAD_FIELD, f"codes.frames: {e}")
+            return
+        except StreamtokError as e:  # a bug (more than the room offered): this session only
+            self.fail(P.ErrorCode.INTERNAL, f"codes input: {e}")
+            return
+        if taken < len(frames):
+            self.held, self.held_at = frames[taken:], received_at
+
+    def _flush(self, drop_partial: bool = False) -> None:
         if self.session is None:
             if self.ending:
                 self._enqueue(("flushed", None))
                 self._enqueue(_CLOSE)
             return
         self.pending_flushes += 1
+        if drop_partial and isinstance(self.session, EncoderSession):
+            partial = self.session.pcm.pending_bytes
+            if partial:
+                self.warn(P.ErrorCode.BAD_AUDIO,
+                          f"server shutdown: the audio ended inside a sample block; its {partial} "
+                          f"trailing byte{'' if partial == 1 else 's'} were dropped, the whole "
+                          "sample blocks before them are flushed")
         try:
-            self.engine.flush(self.session)
+            self.engine.flush(self.session, drop_partial)
         except AudioFormatError as e:
             self.fail(P.ErrorCode.BAD_AUDIO, str(e))
+
+    def going_away(self) -> None:
+        """Server shutdown: flush the session and close 1001 once its last frames are sent.
+        Input held back by backpressure (never acknowledged by a pong) and a trailing partial
+        sample block are dropped; the client is told about the latter (a non-fatal warning)."""
+        self.held = None
+        self.room.set()
+        if self.ending:  # `end` already received: its flush closes the connection
+            return
+        self.ending = True
+        self._flush(drop_partial=True)
 
     def _stop_session(self) -> None:
         if self.session is not None and self.engine is not None:
@@ -540,6 +670,8 @@ class Connection:
             "compute_p95_ms": float(np.percentile(comp, 95)) if len(comp) else 0.0,
             "backlog_frames": float(self.session.backlog_frames),
             "frames_per_step": float(self.engine.frames_per_step),
+            "frames": float(self.frames_sent),
+            "out_queue": float(self.queue.qsize()),
         }
         rtt = getattr(self.ws, "latency", 0.0)
         if rtt:
@@ -549,6 +681,9 @@ class Connection:
 
 class StreamtokServer:
     """The daemon: loads models, runs one engine per model, serves WebSocket and HTTP."""
+
+    keepalive_interval_s = 20.0  # WebSocket ping to every client this often
+    keepalive_timeout_s = 20.0  # of reading time without the pong: the peer is gone (1011)
 
     def __init__(self, cfg: ServerConfig, models: dict[str, Tokenizer] | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -603,8 +738,9 @@ class StreamtokServer:
         self.ws_server = await serve(
             self._handler, None if sock else cfg.host, None if sock else cfg.port, sock=sock,
             process_request=self._http,
-            max_size=cfg.max_message_bytes + 64 * 1024, max_queue=64, compression=None,
-            ssl=ssl_ctx, server_header=f"streamtok/{__version__}", ping_interval=20, ping_timeout=20)
+            max_size=cfg.max_message_bytes + 64 * 1024, max_queue=WS_MAX_QUEUE, compression=None,
+            ssl=ssl_ctx, server_header=f"streamtok/{__version__}",
+            ping_interval=None)  # Connection.keepalive: it knows when a pong may be held up
         self.ready = True
         self._stats_task = asyncio.create_task(self._stats_loop())
         self.notifier.ready(f"serving {', '.join(self.engines)} on port {self.port}")
@@ -635,8 +771,7 @@ class StreamtokServer:
             self.ws_server.close(close_connections=False)
         for conn in list(self.connections):
             if conn.session is not None and not conn.closed.is_set():
-                conn.ending = True
-                conn._flush()
+                conn.going_away()
         deadline = t0 + self.cfg.shutdown_timeout_s
         while self.connections and self.clock() < deadline:
             await asyncio.sleep(0.02)

@@ -41,7 +41,7 @@ class ServerConfig:
     max_messages_per_s: float = 1000.0  # per connection; beyond it the server reads slower (0: off)
     max_bytes_per_s: float = 8e6  # per connection, with rate_burst_s of credit (0: off)
     rate_burst_s: float = 4.0
-    buffer_seconds: float = 30.0  # per-session input backlog before `overloaded`
+    buffer_seconds: float = 30.0  # per-session input not yet computed; beyond it the server reads slower
     send_queue_messages: int = 512  # per-connection output backlog before `slow_consumer`
     auth_token: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # more accepted tokens, one per client

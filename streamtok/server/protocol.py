@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_CHANNELS",
     "MAX_CLIENT_NAME_CHARS",
+    "MAX_F32_SAMPLE",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
     "PROTOCOL_VERSION",
@@ -101,6 +102,10 @@ MAX_MODEL_NAME_CHARS = 200
 MAX_CODE = 2**32 - 1  # codes are unsigned 32-bit on the wire (msgpack uint32 at most)
 MAX_INDEX = 2**63 - 1  # frame indices, seq numbers, acks
 MAX_FRAMES_PER_MESSAGE = 1 << 16
+# f32le samples: nominal range -1..1; beyond +-100 (40 dB over full scale) the audio is not
+# audio (integer samples sent as floats, garbage): the models' latents leave float16's range
+# (the `default` codec's from about x1000) and at ~3e38 turn NaN.
+MAX_F32_SAMPLE = 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +266,10 @@ class _Reader:
         self._fatal = fatal
 
     def fail(self, key: str, allowed: str, value: Any = _ABSENT) -> NoReturn:
-        got = "it is missing" if value is _ABSENT else f"got {_describe(value)}"
+        if value is _ABSENT:
+            got = "it is nil, which counts as missing" if key in self._d else "it is missing"
+        else:
+            got = f"got {_describe(value)}"
         raise ProtocolError(
             ErrorCode.BAD_FIELD, f"{self._where}.{key} must be {allowed}; {got}", fatal=self._fatal
         )
@@ -272,7 +280,7 @@ class _Reader:
         if v is not None:
             return v
         if default is _REQUIRED:
-            self.fail(key, allowed, v if key in self._d else _ABSENT)
+            self.fail(key, allowed)  # nil counts as missing
         return _ABSENT
 
     def integer(self, key: str, lo: int, hi: int, default: Any = _REQUIRED) -> Any:
@@ -374,19 +382,27 @@ class Outputs:
     """What an encode session returns per frame.
 
     ``codes``: False = no codes, True = all levels, n = the first n levels (1 <= n <= model max).
+    ``tokens``: the model's own tokens, whatever they are: every level of codes for a codec, the
+    unit for a units model (what a client asks for when it does not know the model's kind; it
+    cannot be combined with ``codes`` or ``units``). An encode ``start`` without ``outputs``
+    asks for exactly this.
     """
 
     codes: bool | int = False
     units: bool = False
     latents: bool = False
+    tokens: bool = False
 
     @property
     def any(self) -> bool:
         """Whether at least one output is requested."""
-        return self.codes is not False or self.units or self.latents
+        return self.codes is not False or self.units or self.latents or self.tokens
 
     def to_wire(self) -> dict[str, Any]:
-        return {"codes": self.codes, "units": self.units, "latents": self.latents}
+        d: dict[str, Any] = {"codes": self.codes, "units": self.units, "latents": self.latents}
+        if self.tokens:
+            d["tokens"] = True
+        return d
 
     @classmethod
     def from_wire(cls, r: _Reader) -> Outputs:
@@ -395,9 +411,11 @@ class Outputs:
             codes = False
         elif type(codes) is not bool and (type(codes) is not int or codes < 1):
             r.fail("codes", "true, false or an integer >= 1 (a number of levels)", codes)
-        return cls(
-            codes=codes, units=r.boolean("units", False), latents=r.boolean("latents", False)
-        )
+        out = cls(codes=codes, units=r.boolean("units", False), latents=r.boolean("latents", False),
+                  tokens=r.boolean("tokens", False))
+        if out.tokens and (out.codes is not False or out.units):
+            r.fail("tokens", "true only without codes and units (it picks one of them itself)", True)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,9 +497,8 @@ class StartMessage:
         fmt = r.enum("format", AudioFormat)
         channels = r.integer("channels", 1, MAX_CHANNELS, 1)
         if mode is SessionMode.ENCODE:
-            sub = r.sub("outputs")
-            assert sub is not None
-            outputs = Outputs.from_wire(sub)
+            sub = r.sub("outputs", None)
+            outputs = Outputs(tokens=True) if sub is None else Outputs.from_wire(sub)
             if not outputs.any:
                 r.fail(
                     "outputs",
@@ -1111,6 +1128,22 @@ _SERVER_PARSERS: Mapping[str, Callable[[Mapping[Any, Any]], ServerMessage]] = {
 # Encoding and parsing
 
 
+def _msgpack_problem(exc: ValueError) -> str:
+    """What msgpack's error means, in words (some of its errors have no message at all)."""
+    if isinstance(exc, msgpack.ExtraData):
+        return "trailing bytes after the first msgpack value (one message is one map)"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that starts no msgpack value (such as 0xc1, which msgpack never uses)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string that is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    text = str(exc)
+    if "incomplete input" in text or "exceeds max_" in text:
+        # msgpack bounds every container by the message length: one that claims more
+        # elements than the message holds is truncated too.
+        return "the message ends before the msgpack value does (truncated)"
+    return text or type(exc).__name__
+
+
 def _unpack_map(data: bytes | bytearray | memoryview) -> tuple[dict[Any, Any], str]:
     """Decodes one msgpack map with a string ``type``; returns it and its type."""
     try:
@@ -1118,7 +1151,9 @@ def _unpack_map(data: bytes | bytearray | memoryview) -> tuple[dict[Any, Any], s
         # than the message holds; all its decode errors (and bad UTF-8) are ValueErrors.
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except ValueError as exc:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {exc}") from exc
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {_msgpack_problem(exc)}"
+        ) from exc
     if type(obj) is not dict:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE, f"a message must be a msgpack map; got {type(obj).__name__}"
@@ -1278,6 +1313,12 @@ def validate_start(msg: StartMessage, catalog: ModelCatalog) -> ModelLimits:
                 ErrorCode.BAD_FIELD, f"start.mode 'decode' is not supported by model {msg.model!r}"
             )
         return limits
+    if msg.outputs.tokens and not (limits.max_levels or limits.units):
+        raise ProtocolError(
+            ErrorCode.BAD_FIELD,
+            f"start.outputs.tokens: model {msg.model!r} has neither codes nor units; ask for "
+            "latents",
+        )
     codes = msg.outputs.codes
     if codes is not False:
         if limits.max_levels == 0:
@@ -1305,7 +1346,11 @@ def validate_start(msg: StartMessage, catalog: ModelCatalog) -> ModelLimits:
 
 
 def resolve_outputs(outputs: Outputs, limits: ModelLimits) -> ResolvedOutputs:
-    """Turns requested outputs into what ``ready`` reports (``codes: true`` -> all levels)."""
+    """Turns requested outputs into what ``ready`` reports (``codes: true`` -> all levels;
+    ``tokens`` -> all levels of codes, or the unit of a model without codes)."""
+    if outputs.tokens:
+        return ResolvedOutputs(codes=limits.max_levels, units=not limits.max_levels and limits.units,
+                               latents=outputs.latents)
     codes = outputs.codes
     n = limits.max_levels if codes is True else (0 if codes is False else int(codes))
     return ResolvedOutputs(codes=n, units=outputs.units, latents=outputs.latents)
@@ -1316,16 +1361,21 @@ def resolve_outputs(outputs: Outputs, limits: ModelLimits) -> ResolvedOutputs:
 
 
 def _refuse_nonfinite(samples: np.ndarray, first_index: int) -> None:
-    """Raises ``bad_audio`` if ``samples`` ([N] float32) holds NaN/Inf; ``first_index`` is
-    the stream index of ``samples[0]`` (interleaved, counting every channel)."""
-    finite = np.isfinite(samples)
-    if finite.all():
+    """Raises ``bad_audio`` if ``samples`` ([N] float32) holds NaN/Inf or a value beyond
+    ±:data:`MAX_F32_SAMPLE`; ``first_index`` is the stream index of ``samples[0]``
+    (interleaved, counting every channel)."""
+    ok = np.abs(samples) <= MAX_F32_SAMPLE  # False for NaN too
+    if ok.all():
         return
-    bad = int(np.argmin(finite))
+    bad = int(np.argmin(ok))
+    value = samples[bad]
+    where = f"audio sample {first_index + bad} (interleaved, counting every channel)"
+    if not np.isfinite(value):
+        raise ProtocolError(ErrorCode.BAD_AUDIO, f"{where} is {value}; f32le audio must be finite")
     raise ProtocolError(
         ErrorCode.BAD_AUDIO,
-        f"audio sample {first_index + bad} (interleaved, counting every channel) is "
-        f"{samples[bad]}; f32le audio must be finite",
+        f"{where} is {float(value):g}; f32le samples must be within ±{MAX_F32_SAMPLE:g} "
+        "(nominal range -1..1; send integer samples as s16le)",
     )
 
 
@@ -1423,7 +1473,8 @@ class SessionProtocol:
     :class:`ProtocolViolation`. After a fatal one it is in ``FAILED`` and ignores all input.
 
     ``catalog`` (optional) lets it check ``start`` against the served models and ``codes``
-    against their cardinalities; ``check_finite`` refuses NaN/Inf in ``f32le`` audio.
+    against their cardinalities; ``check_finite`` refuses NaN/Inf and samples beyond
+    ±:data:`MAX_F32_SAMPLE` in ``f32le`` audio.
     """
 
     def __init__(
@@ -1548,7 +1599,7 @@ class SessionProtocol:
         )
 
     def _check_finite(self, data: bytes) -> None:
-        """Refuses NaN/Inf f32 samples, including one split across two messages."""
+        """Refuses NaN/Inf or out-of-range f32 samples, including one split across two messages."""
         offset = 0
         carry = self._carry
         if carry:

@@ -204,6 +204,12 @@ function updateView() {
 function showModel(ready) {
   const m = ready.model;
   const levels = ready.outputs.codes;
+  if (!levels && ready.outputs.units) {  // a units model: one row, one unit per frame
+    heatmap.setLevels([m.units]);
+    $("modelinfo").textContent = `${m.name} · ${m.frame_rate} frames/s · units (k=${m.units})` +
+      ` · session ${ready.session}`;
+    return;
+  }
   const cards = m.levels.slice(0, levels).map((l) => l.cardinality);
   heatmap.setLevels(cards);
   $("modelinfo").textContent = `${m.name} · ${m.frame_rate} frames/s · ${levels} of ${m.levels.length} levels` +
@@ -280,6 +286,7 @@ function onMessage(msg, now) {
         state.frames += 1;
         state.lastIndex = frame.index;
         if (frame.codes) heatmap.push(frame.codes);
+        else if (frame.unit !== undefined && frame.unit !== null) heatmap.push([frame.unit]);
       }
       if (msg.timing) pushWindow(state.serverLatencies, msg.timing.sent - msg.timing.audio_complete);
       showFrame(msg.frames[msg.frames.length - 1]);
@@ -390,7 +397,8 @@ async function start() {
   ws.onopen = () => send({
     type: "start", version: PROTOCOL_VERSION, model: $("model").value.trim() || "default",
     sample_rate: state.inputRate, format: "f32le", channels: 1,
-    outputs: { codes: codebooks > 0 ? codebooks : true }, client: "streamtok-browser/1",
+    // the model's own tokens (codes, or a units model's unit) unless a depth is picked
+    outputs: codebooks > 0 ? { codes: codebooks } : { tokens: true }, client: "streamtok-browser/1",
   });
   ws.onmessage = (e) => onMessage(decode(e.data), performance.now() / 1000);
   ws.onclose = onClose;
