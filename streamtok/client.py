@@ -3,11 +3,18 @@
 Example::
 
     async with await StreamtokClient.connect("ws://127.0.0.1:8765", sample_rate=48000) as c:
-        await c.send_audio(samples)          # float32 [n] (or raw PCM bytes), any length
+        await c.send_audio(samples)          # float [n] or int16/int32 PCM, or raw bytes; any length
         last = await c.flush()               # every frame so far, partial frame padded
-        codes = c.codes()                    # int64 [K, frames]
+        codes = c.codes()                    # int64 [K, frames]; c.units() for a units model
 
     codes = encode_over_websocket("ws://127.0.0.1:8765", samples, 16000)   # blocking
+
+Outputs: by default a session asks for the model's own tokens (``outputs.tokens``): every level
+of codes for a codec, the unit for a units model; ``ready.outputs`` says which.
+
+Whole arrays (:func:`stream_array`, :func:`encode_over_websocket`) are sent as fast as the server
+answers but never more than ``max_ahead_s`` seconds (default 5) ahead of the frames received, so a
+clip of any length fits the server's input buffer and gives the offline tokens.
 """
 
 from __future__ import annotations
@@ -26,12 +33,38 @@ from websockets.exceptions import ConnectionClosed
 
 from streamtok.audio.pcm import encode_pcm
 from streamtok.clients.timing import SendLog, frame_ready_sample, packet_end
-from streamtok.errors import StreamtokError
+from streamtok.errors import AudioFormatError, StreamtokError
 from streamtok.server import protocol as P
 
 log = logging.getLogger("streamtok.client")
 
 MAX_PACKET_BYTES = 256 * 1024  # one audio message at most (the server's default limit is 1 MiB)
+MAX_AHEAD_S = 5.0  # whole arrays: audio sent beyond the frames received, in seconds
+
+
+def pcm_float32(audio: np.ndarray) -> np.ndarray:
+    """Samples as float32 in the wire's nominal range -1..1, whatever their dtype.
+
+    Floats are taken as they are; integer PCM is scaled by its full scale (int16 by 1/32768,
+    int32 by 1/2**31, int8 by 1/128, uint8 centred on 128 first), so ``-32768 -> -1.0`` as
+    soundfile reads it. Other dtypes (int64: is it PCM or a count?, bool, complex) are refused.
+
+    >>> pcm_float32(np.array([16384, -32768], np.int16))
+    array([ 0.5, -1. ], dtype=float32)
+    >>> pcm_float32(np.array([192, 64], np.uint8))
+    array([ 0.5, -0.5], dtype=float32)
+    """
+    x = np.asarray(audio)
+    if x.dtype.kind == "f":
+        return x.astype(np.float32, copy=False)
+    if x.dtype in (np.int8, np.int16, np.int32):
+        return (x.astype(np.float64) / 2.0 ** (8 * x.dtype.itemsize - 1)).astype(np.float32)
+    if x.dtype == np.uint8:
+        return ((x.astype(np.float64) - 128.0) / 128.0).astype(np.float32)
+    raise AudioFormatError(
+        f"audio samples must be float (nominal range -1..1) or int8/int16/int32/uint8 PCM, got "
+        f"{x.dtype}: convert it first (e.g. x.astype(np.float32) / 32768 for 16-bit values)")
+
 
 class ServerError(StreamtokError):
     """The server sent an ``error``; ``code`` is its error code string."""
@@ -69,8 +102,9 @@ class StreamtokClient:
 
     def __init__(self, ws: ClientConnection, start: P.StartMessage, url: str = "",
                  connect_kwargs: dict | None = None, auto_resume: bool = True,
-                 history_seconds: float = 60.0) -> None:
+                 history_seconds: float = 60.0, max_ahead_s: float | None = MAX_AHEAD_S) -> None:
         self.ws = ws
+        self.max_ahead_s = max_ahead_s  # send_audio waits to stay this far ahead (None: never)
         self.start_msg = start
         self.url = url
         self._connect_kwargs = connect_kwargs or {}
@@ -90,9 +124,11 @@ class StreamtokClient:
         self.server_stats: dict[str, float] = {}
         self.send_hint_ms: int | None = None
         self.errors: list[ServerError] = []
+        self.peak_unanswered_s = 0.0  # most audio ever sent beyond the frames received (s)
         self._frame_queue: asyncio.Queue[ReceivedFrame | None] = asyncio.Queue()
         self._flushed: asyncio.Queue[int | None] = asyncio.Queue()
         self._pongs: asyncio.Queue[float] = asyncio.Queue()
+        self._progress = asyncio.Event()  # set whenever frames arrive (for wait_ahead)
         self._ready = asyncio.get_running_loop().create_future()
         self._send_log = SendLog()  # input samples sent so far, and when: for frame latencies
         self._reader = asyncio.create_task(self._read())
@@ -100,19 +136,36 @@ class StreamtokClient:
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str, model: str = "default", sample_rate: int = 16000,
-                      format: str = "s16le", channels: int = 1, codes: bool | int = True,
-                      latents: bool = False, units: bool = False, token: str | None = None,
-                      mode: str = "encode", timeout: float = 30.0, **ws_kwargs) -> StreamtokClient:
-        """Open a session and wait for ``ready`` (raises :class:`ServerError` on refusal)."""
+                      format: str = "s16le", channels: int = 1, codes: bool | int | None = None,
+                      latents: bool = False, units: bool | None = None, token: str | None = None,
+                      mode: str = "encode", timeout: float = 30.0,
+                      max_ahead_s: float | None = MAX_AHEAD_S, **ws_kwargs) -> StreamtokClient:
+        """Open a session and wait for ``ready`` (raises :class:`ServerError` on refusal).
+
+        ``codes``: True for every level, ``n`` for the first n, False for none; ``units``: True
+        or False. With neither asked for, the session gets the model's own tokens
+        (``outputs.tokens``): every level of codes, or the unit of a units model
+        (``ready.outputs`` says which). ``max_ahead_s``: :meth:`send_audio` keeps
+        at most this much audio unanswered by frames (None: no limit)."""
         auto_resume = ws_kwargs.pop("auto_resume", True)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         kwargs = dict(additional_headers=headers, max_size=None, compression=None,
                       open_timeout=timeout, **ws_kwargs)
-        ws = await connect(url, **kwargs)
+        tokens = codes is None and not units  # the model's own tokens, codes or units
         start = P.StartMessage(
             model=model, sample_rate=sample_rate, format=P.AudioFormat(format), channels=channels,
-            mode=P.SessionMode(mode), outputs=P.Outputs(codes=codes, units=units, latents=latents))
-        client = cls(ws, start, url, kwargs, auto_resume and mode == "encode")
+            mode=P.SessionMode(mode),
+            outputs=P.Outputs(codes=False if codes is None else codes, units=bool(units), latents=latents,
+                              tokens=tokens))
+        auto_resume = auto_resume and start.mode is P.SessionMode.ENCODE
+        return await cls._open(url, kwargs, start, auto_resume, timeout, max_ahead_s)
+
+    @classmethod
+    async def _open(cls, url: str, kwargs: dict, start: P.StartMessage, auto_resume: bool,
+                    timeout: float, max_ahead_s: float | None) -> StreamtokClient:
+        """Connect, send ``start``, wait for ``ready``."""
+        ws = await connect(url, **kwargs)
+        client = cls(ws, start, url, kwargs, auto_resume, max_ahead_s=max_ahead_s)
         await ws.send(P.encode_client_message(start))
         try:
             client.ready = await asyncio.wait_for(asyncio.shield(client._ready), timeout)
@@ -130,15 +183,29 @@ class StreamtokClient:
 
     # -- sending -------------------------------------------------------------------------------
     async def send_audio(self, audio: np.ndarray | bytes) -> None:
-        """Send audio: float32 samples (encoded to the session format; ``[n]`` or ``[n, ch]``)
-        or raw PCM bytes in the session format."""
+        """Send audio: samples ``[n]`` or ``[n, channels]`` (interleaved when 1-D), float in
+        -1..1 or int8/int16/int32/uint8 PCM (scaled by :func:`pcm_float32`), encoded to the
+        session format; or raw PCM bytes already in the session format.
+
+        Any length: a long array goes in packets of at most ``MAX_PACKET_BYTES``, each sent once
+        no more than ``max_ahead_s`` of audio is unanswered (:meth:`wait_ahead`)."""
         if isinstance(audio, np.ndarray):
-            data = encode_pcm(audio.reshape(-1).astype(np.float32), self.start_msg.format.value)
+            channels = self.start_msg.channels
+            if audio.ndim > 2 or (audio.ndim == 2 and audio.shape[1] != channels):
+                raise AudioFormatError(f"audio of shape {list(audio.shape)} for a session of {channels} "
+                                       f"channel(s): send [n] or [n, {channels}]")
+            fmt = self.start_msg.format.value
+            if audio.dtype == np.int16 and fmt == "s16le":
+                data = audio.reshape(-1).astype("<i2", copy=False).tobytes()  # already wire PCM
+            else:
+                data = encode_pcm(pcm_float32(audio.reshape(-1)), fmt)
         else:
             data = bytes(audio)
         block = self.start_msg.format.sample_width * self.start_msg.channels
         step = max(1, MAX_PACKET_BYTES // block) * block  # stay under the server's message limit
         for i in range(0, len(data), step):
+            if self.max_ahead_s is not None:
+                await self.wait_ahead(self.max_ahead_s)
             part = data[i:i + step]
             sent = self._send_log.samples
             if self.auto_resume:
@@ -146,6 +213,7 @@ class StreamtokClient:
                 while self._history and self._history[0][0] < sent - self._history_limit:
                     self._history.popleft()
             self._send_log.sent(len(part) // block, time.monotonic())
+            self.peak_unanswered_s = max(self.peak_unanswered_s, self.unanswered_s())
             await self._send(P.encode_client_message(P.AudioMessage(data=part)), audio=True)
         if not data:
             await self._send(P.encode_client_message(P.AudioMessage(data=b"")), audio=True)
@@ -271,6 +339,38 @@ class StreamtokClient:
             self._raise_if_error()
             raise StreamtokError("connection closed before 'flushed'" if done else "timed out waiting for 'flushed'")
 
+    async def wait_ahead(self, max_ahead_s: float) -> None:
+        """Wait until at most ``max_ahead_s`` seconds of the audio sent are not yet answered by
+        frames (never below what the next frame needs, so it cannot wait forever). Sending a
+        long file faster than real time through this keeps the server's input buffer bounded.
+        Returns at once if the connection is gone (the next send resumes it or raises); raises
+        the server's fatal error if it sent one."""
+        if self.ready is None:
+            return
+        card = self.ready.model
+        # Frame i exists once input up to (i + 1) frames + the delay has arrived; the margin
+        # covers a resampler's lookahead (a few ms) and a packet ending mid-frame.
+        limit = max(max_ahead_s, 2.0 / card.frame_rate + card.delay_ms / 1000.0 + 0.1)
+        while self.unanswered_s() > limit and not self._reader.done():
+            fatal = [e for e in self.errors if e.fatal]
+            if fatal:
+                raise fatal[-1]
+            self._progress.clear()
+            waiter = asyncio.ensure_future(self._progress.wait())
+            await asyncio.wait({waiter, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        fatal = [e for e in self.errors if e.fatal]
+        if fatal:
+            raise fatal[-1]
+
+    def unanswered_s(self) -> float:
+        """Seconds of audio sent beyond the end of the last frame received (input time; a
+        flush's padding makes it an underestimate by under a frame per flush)."""
+        if self.ready is None:
+            return 0.0
+        covered = (self.frames[-1].index + 1) / self.ready.model.frame_rate if self.frames else 0.0
+        return self._send_log.samples / self.start_msg.sample_rate - covered
+
     def _dropped(self) -> bool:
         """The connection ended without a close frame from the server (a network drop)."""
         return self.ws.protocol.close_rcvd is None
@@ -309,6 +409,7 @@ class StreamtokClient:
                 self._frame_queue.put_nowait(frame)
                 if self.on_frame is not None:
                     self.on_frame(frame)
+            self._progress.set()
         elif isinstance(msg, P.ReadyMessage):
             if not self._ready.done():
                 self._ready.set_result(msg)
@@ -363,6 +464,14 @@ class StreamtokClient:
             return np.zeros((0, len(frames)), np.int64)
         return np.array([f.codes for f in frames], np.int64).T
 
+    def units(self) -> np.ndarray:
+        """Units of every frame received so far, ``[frames]`` int64, in frame order (empty when
+        the session has no units: ``ready.outputs.units``)."""
+        frames = sorted(self.frames, key=lambda f: f.index)
+        if not frames or frames[0].unit is None:
+            return np.zeros(0, np.int64)
+        return np.array([f.unit for f in frames], np.int64)
+
     def latents(self) -> np.ndarray:
         """``[D, frames]`` float32."""
         frames = sorted(self.frames, key=lambda f: f.index)
@@ -370,26 +479,40 @@ class StreamtokClient:
 
 
 async def stream_array(url: str, audio: np.ndarray, sample_rate: int, packet_samples: int | None = None,
-                       realtime: bool = False, **kwargs) -> StreamtokClient:
-    """Stream ``audio`` (float32 ``[n]``) in packets, then ``end``; return the finished client.
+                       realtime: bool = False, max_ahead_s: float = MAX_AHEAD_S,
+                       **kwargs) -> StreamtokClient:
+    """Stream ``audio`` (``[n]`` or ``[n, channels]``, float or int PCM) in packets, then
+    ``end``; return the finished client (``codes()``, ``units()``, ``latents()``).
 
     ``packet_samples`` pins the packet size; by default it follows the server's send hint
-    (``ready.send_hint_ms``, then every ``hint`` message)."""
-    client = await StreamtokClient.connect(url, sample_rate=sample_rate, **kwargs)
-    t0 = time.monotonic()
-    start = 0
-    while start < len(audio):
-        end = packet_end(start, packet_samples or client.hint_samples())
-        await client.send_audio(audio[start:end])
-        start = end
-        if realtime:
-            ahead = t0 + start / sample_rate - time.monotonic()
-            if ahead > 0:
-                await asyncio.sleep(ahead)
-    await client.end()
+    (``ready.send_hint_ms``, then every ``hint`` message). ``realtime`` paces packets as a live
+    source would; otherwise they go as fast as the server answers. Either way a packet leaves
+    only while at most ``max_ahead_s`` seconds are unanswered by frames
+    (:meth:`StreamtokClient.wait_ahead`), so a clip of any length fits the server's input buffer
+    and gives the offline tokens. ``kwargs`` go to :meth:`StreamtokClient.connect`."""
+    if isinstance(audio, np.ndarray) and audio.ndim == 2:
+        kwargs.setdefault("channels", audio.shape[1])
+    client = await StreamtokClient.connect(url, sample_rate=sample_rate, max_ahead_s=max_ahead_s,
+                                           **kwargs)
+    try:
+        t0 = time.monotonic()
+        start = 0
+        while start < len(audio):
+            end = packet_end(start, packet_samples or client.hint_samples())
+            await client.send_audio(audio[start:end])
+            start = end
+            if realtime:
+                ahead = t0 + start / sample_rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        await client.end()
+    except BaseException:
+        await client.close()
+        raise
     return client
 
 
 def encode_over_websocket(url: str, audio: np.ndarray, sample_rate: int, **kwargs) -> np.ndarray:
-    """Blocking: tokenize ``audio`` on a server; return codes ``[K, frames]``."""
+    """Blocking: tokenize ``audio`` on a server (:func:`stream_array`); return codes
+    ``[K, frames]`` int64 (K = 0 for a model without codes: use ``stream_array(...).units()``)."""
     return asyncio.run(stream_array(url, audio, sample_rate, **kwargs)).codes()

@@ -268,6 +268,11 @@ def _nanmean(values: list[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 clip``, ``60 clips``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _fmt(fmt: str, value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else fmt.format(value)
 
@@ -328,7 +333,7 @@ class EvalReport:
         opus = [s for s in self.systems if s.kind == "opus"]
         versus = " vs Opus" if opus else ""
         lines = [f"## `{self.model}`{weights}{versus} on `{self.folder}`", "",
-                 f"{len(self.clips)} clips, {self.seconds / 60:.1f} min, metrics at "
+                 f"{_count(len(self.clips), 'clip')}, {self.seconds / 60:.1f} min, metrics at "
                  f"{EVAL_RATE} Hz against the original; means over clips; "
                  f"evaluated in {self.elapsed_s:.0f} s.", ""]
         lines += self._table(self.clips, with_use=True)
@@ -345,7 +350,7 @@ class EvalReport:
                   for u in self.levels]
         for (col, value), clips in self.groups().items():
             minutes = sum(c.seconds for c in clips) / 60
-            lines += ["", f"### {col} = {value or '(empty)'}: {len(clips)} clips, {minutes:.1f} min", ""]
+            lines += ["", f"### {col} = {value or '(empty)'}: {_count(len(clips), 'clip')}, {minutes:.1f} min", ""]
             lines += self._table(clips, with_use=False)
         return "\n".join(lines) + "\n"
 
@@ -435,12 +440,23 @@ def evaluate(model: Tokenizer, folder: str | Path, depths: Sequence[int | None] 
 # -- command line ------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     """``streamtok eval``: print the markdown table, and write JSON / markdown if asked."""
+    from streamtok.cli import check_device
     from streamtok.models.registry import load_model
+    from streamtok.training.data import read_manifest
 
+    group_by = tuple(c.strip() for c in args.group_by.split(",") if c.strip())
+    rows = read_manifest(args.folder)  # a folder without one is a clear error there
+    columns = list(rows[0]) if rows else []
+    unknown = [c for c in group_by if c not in columns]
+    if unknown:
+        raise StreamtokError(f"--group-by {','.join(unknown)}: no such column in "
+                             f"{Path(args.folder) / 'manifest.tsv'}; its columns: "
+                             f"{', '.join(columns) or '(no rows)'}")
+    check_device(args.device)
     model = load_model(args.model, args.weights, args.device)
     report = evaluate(model, args.folder, depths=args.depths, limit=args.limit,
                       opus_kbps=() if args.no_opus else args.opus_kbps, progress=not args.quiet,
-                      group_by=tuple(c for c in args.group_by.split(",") if c))
+                      group_by=group_by)
     report.weights = str(args.weights) if args.weights else None
     text = report.to_markdown()
     print(text, end="")
@@ -453,13 +469,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``eval`` to the ``streamtok`` command's subparsers."""
+    from streamtok.cli import DEVICE_HELP, device_name
+
     p = subparsers.add_parser(
         "eval", help="codec quality (STOI, PESQ, SI-SDR, log-mel, codebook use) vs Opus on a folder")
     p.add_argument("folder", metavar="DIR", help="folder with manifest.tsv (e.g. shared dev speech)")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="codec to evaluate (default: default)")
     p.add_argument("--weights", help="weights file (default: the model's own)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--limit", type=int, default=None, help="clips, spread evenly over the manifest")
+    p.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate this many clips, spread evenly over the manifest (default: all; "
+                        "the model card's tables use 60)")
     p.add_argument("--depths", type=parse_depths, default=(1, 2, 4, None),
                    help="comma-separated levels to decode with, 'all' for every level "
                         "(default: 1,2,4,all)")

@@ -6,6 +6,7 @@ live session takes), so memory stays bounded on long files and a progress bar ca
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from streamtok.audio.resample import resample
 from streamtok.errors import AudioFormatError
-from streamtok.models.base import Tokenizer
+from streamtok.models.base import ModelCard, Tokenizer
 from streamtok.streaming.frames import frames_after_flush
 
 STEP_FRAMES = 50
@@ -37,8 +38,9 @@ class EncodedFile:
     units: np.ndarray | None = None  # [F] int64, unit models
 
     def save(self, path: str | Path, dedup: bool = False) -> None:
-        """Write the .npz; ``dedup`` also stores run-length deduplicated ``units_dedup`` and
-        ``durations`` (frames per run), the textless-NLP convention."""
+        """Write the .npz to exactly ``path`` (``np.savez`` would append ``.npz`` to another
+        name); ``dedup`` also stores run-length deduplicated ``units_dedup`` and ``durations``
+        (frames per run), the textless-NLP convention."""
         extra = {} if self.latents is None else {"latents": self.latents}
         if self.units is not None:
             extra["units"] = self.units
@@ -46,21 +48,43 @@ class EncodedFile:
                 from streamtok.models.units import dedup_units
 
                 extra["units_dedup"], extra["durations"] = dedup_units(self.units)
-        np.savez(path, codes=self.codes, model=self.model, sample_rate=self.sample_rate,
-                 frame_rate=self.frame_rate, input_sample_rate=self.input_sample_rate,
-                 num_samples=self.num_samples, **extra)
+        with open(path, "wb") as fh:
+            np.savez(fh, codes=self.codes, model=self.model, sample_rate=self.sample_rate,
+                     frame_rate=self.frame_rate, input_sample_rate=self.input_sample_rate,
+                     num_samples=self.num_samples, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> EncodedFile:
-        with np.load(path, allow_pickle=False) as z:
-            if "codes" not in z:
-                raise AudioFormatError(f"{path} has no 'codes' array")
-            return cls(codes=z["codes"].astype(np.int64),
+        """Read an .npz of ``streamtok encode`` or ``streamtok-stream``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            AudioFormatError: not such an .npz (another kind of file, or fields missing).
+        """
+        what = "an .npz written by `streamtok encode` or `streamtok-stream`"
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise AudioFormatError(f"{path} is not {what}") from e
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise AudioFormatError(f"{path} is a single .npy array, not {what}")
+        with z:
+            missing = [k for k in ("codes", "model", "sample_rate", "frame_rate") if k not in z]
+            if missing:
+                raise AudioFormatError(f"{path} has no {', '.join(map(repr, missing))} array: not {what}")
+            codes = z["codes"]
+            if codes.ndim != 2 or codes.dtype.kind not in "iu":
+                raise AudioFormatError(f"{path}: 'codes' must be integers [levels, frames], "
+                                       f"got {codes.dtype}{list(codes.shape)}")
+            return cls(codes=codes.astype(np.int64),
                        latents=z["latents"] if "latents" in z else None,
                        model=str(z["model"]), sample_rate=int(z["sample_rate"]),
                        frame_rate=float(z["frame_rate"]),
-                       input_sample_rate=int(z.get("input_sample_rate", z["sample_rate"])),
-                       num_samples=int(z.get("num_samples", 0)),
+                       input_sample_rate=int(z["input_sample_rate"] if "input_sample_rate" in z
+                                             else z["sample_rate"]),
+                       num_samples=int(z["num_samples"]) if "num_samples" in z else 0,
                        units=z["units"] if "units" in z else None)
 
 
@@ -96,17 +120,36 @@ def encode_array(model: Tokenizer, audio: np.ndarray, sample_rate: int, levels: 
             units.append(out.units[0])
     k = model.check_levels(levels)
     return EncodedFile(
-        codes=torch.cat(codes, -1).numpy() if codes else np.zeros((k, 0), np.int64),
+        codes=torch.cat(codes, -1).numpy() if codes else np.zeros((k, n_frames), np.int64),
         latents=torch.cat(lats, -1).float().numpy() if lats else None,
         model=card.name, sample_rate=card.sample_rate, frame_rate=card.frame_rate,
         input_sample_rate=sample_rate, num_samples=len(audio),
         units=torch.cat(units).numpy() if units else None)
 
 
+def check_codes(card: ModelCard, codes: np.ndarray) -> None:
+    """Codes ``[K, F]`` a model can decode: 1..levels levels, each code in ``0..cardinality-1``
+    (else AudioFormatError naming the first bad one)."""
+    if not card.can_decode:
+        raise AudioFormatError(f"model {card.name!r} has no decoder: its tokens cannot be turned "
+                               "back into audio")
+    k = codes.shape[0]
+    if not 1 <= k <= len(card.levels):
+        raise AudioFormatError(f"model {card.name!r} decodes 1..{len(card.levels)} levels of codes, "
+                               f"got {k}")
+    for level, row in enumerate(codes):
+        size = card.levels[level].cardinality
+        bad = np.flatnonzero((row < 0) | (row >= size))
+        if bad.size:
+            raise AudioFormatError(f"code {int(row[bad[0]])} at level {level}, frame {int(bad[0])} is "
+                                   f"outside 0..{size - 1} ({bad.size} such code(s) at that level)")
+
+
 def decode_codes(model: Tokenizer, enc: EncodedFile, progress: bool = False,
                  step_frames: int = STEP_FRAMES) -> tuple[np.ndarray, int]:
     """Codes -> audio at the original input rate, trimmed to the input's length."""
     card = model.card
+    check_codes(card, enc.codes)
     codes = torch.from_numpy(enc.codes)[None]
     streamer = model.decoder_streamer(1)
     out = []

@@ -171,7 +171,7 @@ def test_length_not_whole_pcm_frames_is_refused_with_the_numbers(
 def test_nan_and_inf_are_refused_with_count_and_first_position() -> None:
     """f32 NaN/Inf are refused, naming how many and where the first one is."""
     data = f32(0.0, 0.0, 0.5, 0.5, 0.1, np.nan, 0.0, 0.0, np.inf, 0.2, -np.inf, 0.0)
-    with pytest.raises(AudioFormatError, match=r"3 non-finite.*PCM frame 2, channel 1"):
+    with pytest.raises(AudioFormatError, match=r"3 non-finite.*sample block 2, channel 1"):
         decode_pcm(data, "f32le", 2)
 
 

@@ -24,11 +24,14 @@ import soundfile as sf
 import torch
 from server_utils import server_thread as _server_thread
 
+import streamtok.client as client_module
 from streamtok.audio.resample import resample, resampled_length
-from streamtok.client import StreamtokClient
+from streamtok.client import StreamtokClient, encode_over_websocket, stream_array
 from streamtok.clients import mic, stream_file, timing
+from streamtok.errors import AudioFormatError
 from streamtok.models.quantization import compare_codes
 from streamtok.models.registry import load_model
+from streamtok.models.units import UnitTokenizer, fit_kmeans
 from streamtok.server.app import StreamtokServer
 from streamtok.server.config import ServerConfig
 from streamtok.tokenize_file import EncodedFile, encode_array, read_audio
@@ -408,6 +411,184 @@ def test_mic_with_a_real_input_device(url):
 
 def test_client_docstring_examples():
     """The worked examples in the clients' docstrings hold."""
-    for module in (timing, mic):
+    for module in (timing, mic, client_module):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+# -- whole arrays: pacing, integer PCM -----------------------------------------------------------
+class SlowTiny:
+    """The tiny codec on a slow machine: every model step takes ``step_s`` longer, so a client
+    that sends a file at full speed runs far ahead of the frames (as it does with ``default`` on
+    a CPU)."""
+
+    def __init__(self, step_s: float) -> None:
+        self.model, self.card, self.step_s = TINY, TINY.card, step_s
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def encode_step(self, audio, streamer, slots=None, levels=None, latents=False):
+        time.sleep(self.step_s)
+        return self.model.encode_step(audio, streamer, slots, levels, latents)
+
+
+def long_speech(seconds: float, rate: int = 16000) -> np.ndarray:
+    """``seconds`` of speech, the test clip repeated."""
+    one = speech(8.0, rate)
+    return np.tile(one, math.ceil(seconds * rate / len(one)))[: int(seconds * rate)]
+
+
+def test_stream_array_paces_a_long_clip_to_the_frames():
+    """A 35 s clip (more than the server's 30 s input buffer) sent as fast as a slow server
+    answers: never more than max_ahead_s (+ one packet) goes unanswered, and every frame arrives
+    with the offline codes."""
+    audio = long_speech(35.0)
+
+    async def main():
+        server = StreamtokServer(ServerConfig(port=0, models=["tiny"], threads=1),
+                                 {"tiny": SlowTiny(step_s=0.02)})
+        await server.start()
+        try:
+            return await stream_array(f"ws://127.0.0.1:{server.port}", audio, 16000, model="tiny",
+                                      format="f32le")
+        finally:
+            await server.shutdown()
+
+    client = run(main())
+    packet_s = client.hint_samples() / 16000
+    assert 1.0 < client.peak_unanswered_s <= client_module.MAX_AHEAD_S + packet_s + 1e-9
+    assert not client.errors
+    assert_offline_codes(client.codes(), audio, 16000)
+
+
+def test_send_audio_scales_integer_pcm_and_refuses_what_it_cannot(url):
+    """int16 and int32 arrays are PCM at full scale (s16le and f32le sessions give the codes of
+    x / 32768), stereo [n, 2] arrays are downmixed by the server; int64 and a wrong channel count
+    are refused before anything is sent."""
+    audio = speech(2.0)
+    pcm16 = np.round(audio * 20000).astype(np.int16)
+    as_float = pcm16.astype(np.float32) / 32768
+    assert np.array_equal(client_module.pcm_float32(pcm16.astype(np.int32) << 16), as_float)
+    for fmt in ("s16le", "f32le"):
+        assert_offline_codes(encode_over_websocket(url, pcm16, 16000, model="tiny", format=fmt),
+                             as_float, 16000)
+    stereo = np.stack([pcm16, pcm16], 1).astype(np.int32) << 16
+    assert_offline_codes(encode_over_websocket(url, stereo, 16000, model="tiny"), as_float, 16000)
+
+    async def refused():
+        async with await StreamtokClient.connect(url, model="tiny", format="s16le") as c:
+            with pytest.raises(AudioFormatError, match="int64"):
+                await c.send_audio(pcm16.astype(np.int64))
+            with pytest.raises(AudioFormatError, match=r"\[n, 1\]"):
+                await c.send_audio(np.zeros((640, 2), np.float32))
+            await c.send_audio(as_float)  # the session is intact
+            await c.flush()
+            return c.codes()
+
+    assert_offline_codes(run(refused()), as_float, 16000)
+
+
+# -- a model without codes: units -----------------------------------------------------------------
+def tiny_units(k: int = 16) -> UnitTokenizer:
+    """k-means units over the tiny codec's latents (as tests/test_units.py builds them)."""
+    g = torch.Generator().manual_seed(0)
+    feats = TINY.encode(torch.randn(4, 16000 * 2, generator=g) * 0.1, latents=True).latents
+    centroids, _ = fit_kmeans(feats.transpose(1, 2).reshape(-1, feats.shape[1]), k)
+    return UnitTokenizer(TINY, centroids, name="tiny-units")
+
+
+TINY_UNITS = tiny_units()
+
+
+@pytest.fixture(scope="module")
+def units_url() -> Iterator[str]:
+    """A loopback server serving only ``tiny-units`` (no codes), its loop in a thread."""
+    server = StreamtokServer(ServerConfig(port=0, models=["tiny-units"], threads=1),
+                             {"tiny-units": TINY_UNITS})
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"ws://127.0.0.1:{server.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.shutdown(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_python_client_gets_the_units_of_a_units_model(units_url):
+    """connect() on a model without codes asks for its units: ready says so, units() holds the
+    offline units and codes() is empty; asking for codes explicitly is the server's bad_field."""
+    audio = speech(2.0)
+    client = run(stream_array(units_url, audio, 16000, model="tiny-units"))
+    assert client.ready.outputs.units and client.ready.outputs.codes == 0
+    assert client.units().tolist() == encode_array(TINY_UNITS, audio, 16000).units.tolist()
+    assert client.codes().shape == (0, len(client.units()))
+    with pytest.raises(client_module.ServerError, match="outputs.codes"):
+        run(stream_array(units_url, audio, 16000, model="tiny-units", codes=True))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".jsonl"])
+def test_stream_file_writes_units_of_a_units_model(units_url, tmp_path, suffix):
+    """streamtok-stream --model on a units model writes its offline units (.npz `units`, .jsonl
+    `unit`)."""
+    wav = write_wav(tmp_path / "a.wav", 1.5, 16000)
+    out = tmp_path / f"tokens{suffix}"
+    assert stream_file.main([str(wav), "--url", units_url, "--model", "tiny-units", "--fast",
+                             "--out", str(out), "-q"]) == 0
+    audio, sr = read_audio(wav)
+    if suffix == ".npz":
+        with np.load(out) as z:
+            units, codes = z["units"].tolist(), z["codes"]
+        assert codes.shape == (0, len(units))
+    else:
+        units = [json.loads(line)["unit"] for line in out.read_text().splitlines()]
+    assert units == encode_array(TINY_UNITS, audio, sr).units.tolist()
+
+
+def test_mic_shows_the_units_of_a_units_model(units_url, monkeypatch, capsys):
+    """streamtok-mic on a units model prints each frame's unit (u<id>) and says it streams units."""
+    rate = 16000
+    audio = speech(1.0, rate)
+    fake = FakeSoundDevice(audio, rate)
+    monkeypatch.setattr(mic, "_import_sounddevice", lambda: fake)
+
+    finished = threading.Event()
+
+    def interrupt_when_fed() -> None:  # Ctrl-C once all is captured, never after main returned
+        if fake.fed.wait(30) and not finished.wait(0.5):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_when_fed, daemon=True)
+    interrupter.start()
+    try:
+        status = mic.main(["--url", units_url, "--model", "tiny-units"])
+    finally:
+        finished.set()
+        fake.fed.set()
+        interrupter.join()
+    assert status == 0
+    captured = capsys.readouterr()
+    shown = [int(line.split("|")[0].split()[-1][1:]) for line in captured.out.splitlines() if "|" in line]
+    assert shown == encode_array(TINY_UNITS, audio, rate).units.tolist()
+    assert "units of 16" in captured.err
+
+
+# -- any input rate -----------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [96000, 4000])
+def test_stream_file_accepts_rates_outside_the_wire_range(url, tmp_path, rate):
+    """A 96 kHz or 4 kHz file streams: the client resamples it to the nearest wire rate (48 kHz,
+    8 kHz) and the server's tokens are the offline codes of what it sent."""
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech(1.2, rate), rate, subtype="FLOAT")
+    out = tmp_path / "t.npz"
+    assert stream_file.main([str(wav), "--url", url, "--model", "tiny", "--fast", "--out", str(out), "-q"]) == 0
+    audio, sr = read_audio(wav)
+    sent_rate = timing.supported_rate(rate)
+    with np.load(out) as z:
+        assert int(z["input_sample_rate"]) == sent_rate
+        codes = z["codes"]
+    assert_offline_codes(codes, resample(audio, sr, sent_rate), sent_rate)

@@ -163,7 +163,7 @@ def test_report_has_every_row(folder: Path) -> None:
     text = report.to_markdown()
     for name in names:
         assert text.count(f"| {name} |") == 3  # overall + groups "read" and "resampled"
-    assert "### group = read: 2 clips" in text and "### group = resampled: 1 clips" in text
+    assert "### group = read: 2 clips" in text and "### group = resampled: 1 clip," in text
     assert sum(line.startswith("| 0 | 64 |") or line.startswith("| 3 | 64 |")
                for line in text.splitlines()) == 2
     assert "| tiny 4 levels | 0.6 |" in text  # 25 Hz x 4 levels x 6 bits

@@ -4,7 +4,8 @@ Wire audio is interleaved little-endian PCM, ``s16le`` or ``f32le``, with 1 to
 :data:`MAX_CHANNELS` channels. Decoding downmixes to mono by the mean over channels; ``s16``
 is scaled by ``1 / 32768`` so ``-32768 -> -1.0`` and ``32767 -> 0.99997``.
 
-Here a *PCM frame* is one sample per channel at one instant (ALSA's word). It is not a model
+Here a *PCM frame* is one sample per channel at one instant (ALSA's word; error messages call
+it a *sample block*, as PROTOCOL.md's glossary does). It is not a model
 frame (``frame_size`` samples, see :mod:`streamtok.audio.ring`), hence the ``pcm_`` names below
 where the two could be confused.
 """
@@ -105,7 +106,7 @@ def decode_pcm(data: Buffer, fmt: SampleFormat | str, channels: int) -> np.ndarr
     if nbytes % bpf:
         raise AudioFormatError(
             f"got {nbytes} bytes of {fmt.value} x {channels} channel(s), not a whole number "
-            f"of {bpf}-byte PCM frames ({nbytes % bpf} trailing bytes)"
+            f"of {bpf}-byte sample blocks ({nbytes % bpf} trailing bytes)"
         )
     raw = np.frombuffer(data, dtype=fmt.dtype)
     if fmt is SampleFormat.F32LE:
@@ -114,7 +115,7 @@ def decode_pcm(data: Buffer, fmt: SampleFormat | str, channels: int) -> np.ndarr
             first = int(np.argmax(bad))
             raise AudioFormatError(
                 f"f32le audio contains {int(bad.sum())} non-finite value(s) (NaN/Inf); first at "
-                f"PCM frame {first // channels}, channel {first % channels}"
+                f"sample block {first // channels}, channel {first % channels}"
             )
     if channels == 1:
         if fmt is SampleFormat.S16LE:
@@ -215,8 +216,8 @@ class PcmDecoder:
         """
         if self._pending:
             raise AudioFormatError(
-                f"stream ended inside a PCM frame: {len(self._pending)} leftover byte(s), "
-                f"{self._fmt.value} x {self._channels} channel(s) needs {self._bpf} per frame"
+                f"stream ended inside a sample block: {len(self._pending)} leftover byte(s), "
+                f"{self._fmt.value} x {self._channels} channel(s) needs {self._bpf} per block"
             )
 
     def reset(self) -> None:

@@ -17,6 +17,8 @@ import soxr
 
 from streamtok.errors import AudioFormatError, StreamingError
 
+# The rates a client may send on the wire (PROTOCOL.md §13). The wire protocol enforces them
+# (`start.sample_rate`); the resamplers take any positive rate, so files at 4 or 192 kHz convert.
 MIN_INPUT_RATE = 8000
 MAX_INPUT_RATE = 48000
 
@@ -54,11 +56,8 @@ class StreamConverter:
     __slots__ = ("_in_rate", "_out_rate", "_flushed", "_n_in", "_n_out")
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
-        if not _is_int(in_rate) or not MIN_INPUT_RATE <= in_rate <= MAX_INPUT_RATE:
-            raise AudioFormatError(
-                f"input sample rate must be an int in {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, "
-                f"got {in_rate!r}"
-            )
+        if not _is_int(in_rate) or in_rate <= 0:
+            raise AudioFormatError(f"input sample rate must be a positive int, got {in_rate!r}")
         if not _is_int(out_rate) or out_rate <= 0:
             raise AudioFormatError(f"output sample rate must be a positive int, got {out_rate!r}")
         self._in_rate = int(in_rate)
@@ -108,12 +107,13 @@ class StreamingResampler(StreamConverter):
     array itself (no copy) and :meth:`flush` returns an empty array.
 
     Args:
-        in_rate: input rate in Hz, an int in ``MIN_INPUT_RATE..MAX_INPUT_RATE``.
+        in_rate: input rate in Hz, a positive int (the wire's 8-48 kHz is the protocol's
+            limit, not this class's).
         out_rate: output rate in Hz, a positive int.
         quality: soxr preset.
 
     Raises:
-        AudioFormatError: a rate out of range or not an int.
+        AudioFormatError: a rate that is not a positive int.
         ValueError: unknown quality.
     """
 

@@ -370,9 +370,15 @@ async def run_mic(args: argparse.Namespace, sd: ModuleType, out: TextIO | None =
     loop = asyncio.get_running_loop()
     client = await StreamtokClient.connect(
         args.url, model=args.model, sample_rate=rate, format="f32le", channels=channels,
-        codes=args.codebooks if args.codebooks else True, token=args.token)
+        codes=args.codebooks if args.codebooks else None, units=args.units, token=args.token)
     assert client.ready is not None
     card = client.ready.model
+    if args.play and not client.ready.outputs.codes:
+        await client.close()
+        raise StreamtokError(f"--play decodes codes, and model {card.name!r} sends none "
+                             "(a units model has no decoder)")
+    tokens = (f"{client.ready.outputs.codes} of {len(card.levels)} levels" if client.ready.outputs.codes
+              else f"units of {card.units}" if client.ready.outputs.units else "latents")
     decoder: StreamtokClient | None = None
     player: Player | None = None
     source: MicSource | None = None
@@ -392,7 +398,7 @@ async def run_mic(args: argparse.Namespace, sd: ModuleType, out: TextIO | None =
         with _device_errors(sd, "input"):
             source = MicSource(sd, queue, device, rate, channels)
         print(f"streamtok-mic: {name} at {rate} Hz x{channels} -> {args.url} model {card.name} "
-              f"({card.frame_rate:g} frames/s, {len(card.levels)} levels); Ctrl-C to stop",
+              f"({card.frame_rate:g} frames/s, {tokens}); Ctrl-C to stop",
               file=sys.stderr)
 
         async def show_tokens() -> None:
@@ -471,7 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=1, help="channels to capture (server downmixes)")
     p.add_argument("--chunk-ms", type=float, default=None,
                    help="milliseconds per packet (default: follow the server's hints)")
-    p.add_argument("--codebooks", type=int, default=None, help="RVQ levels to ask for (default: all)")
+    p.add_argument("--codebooks", type=int, default=None,
+                   help="RVQ levels to ask for (default: all; a model without codes sends units)")
+    p.add_argument("--units", action="store_true", default=None,
+                   help="also ask for units (default: only from a model without codes)")
     add_token_argument(p)
     p.add_argument("--play", action="store_true",
                    help="decode the tokens back to the speakers through a decode session")
@@ -492,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--chunk-ms must be positive")
     if not 1 <= args.channels <= 8:
         parser.error("--channels must be 1..8")
+    if args.codebooks is not None and args.codebooks < 1:
+        parser.error("--codebooks must be at least 1")
     try:
         sd = load_sounddevice()
         if args.list_devices:

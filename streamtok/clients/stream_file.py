@@ -1,7 +1,7 @@
 """``streamtok-stream``: stream audio files to a streamtok server; a latency benchmark client.
 
 Each file is read (any soundfile format, downmixed to mono), sent as ``f32le`` at its own rate
-(rates outside 8-48 kHz are resampled here first) in packets of the server's ``send_hint_ms``
+(a rate outside the wire's 8-48 kHz is resampled here first, to the nearest rate inside) in packets of the server's ``send_hint_ms``
 (or ``--chunk-ms``), either at real-time pace (``--realtime``, the default: a packet leaves when
 its last sample would have been captured live) or as fast as the server answers (``--fast``).
 The tokens go to ``--out`` (``.npz`` or ``.jsonl``), and a latency summary is printed::
@@ -14,7 +14,11 @@ several streams, ``--out x.npz`` writes ``x.0.npz``, ``x.1.npz``, ... (``.jsonl`
 line naming its stream). The ``.npz`` holds ``codes`` ``[K, T]`` int64, ``index`` ``[T]`` int64,
 ``t`` ``[T]`` float64 (stream time, s), ``latency`` ``[T]`` float64 (s, nan if unknown), the
 model card fields ``streamtok decode`` reads (so ``streamtok decode tokens.npz -o out.wav``
-works), and ``latents`` ``[D, T]`` float32 with ``--latents``, and ``source`` (the file name).
+works), ``units`` ``[T]`` int64 for a model with units, ``latents`` ``[D, T]`` float32 with
+``--latents``, and ``source`` (the file name).
+
+Outputs: every level of codes (``--codebooks K``: the first K), or, for a model without codes
+(``units``), its units (``--units`` asks for units too from a model that has both).
 
 Flow control in ``--fast`` mode: at most ``--max-ahead`` seconds of audio are sent beyond the
 last frame received, so a long file never overruns the server's input buffer (``overloaded``).
@@ -64,10 +68,11 @@ class StreamOptions:
     model: str = "default"
     realtime: bool = True
     chunk_ms: float | None = None  # None: follow the server's send hint
-    codebooks: int | None = None  # None: every level
+    codebooks: int | None = None  # None: every level (or none, for a model without codes)
+    units: bool | None = None  # None: units when the model has no codes
     latents: bool = False
     token: str | None = None
-    max_ahead_s: float = 5.0  # --fast only
+    max_ahead_s: float = 5.0  # audio sent beyond the frames received, at most
 
 
 @dataclass
@@ -105,12 +110,19 @@ class StreamResult:
             return np.zeros((0, len(self.frames)), np.int64)
         return np.array([f.codes for f in self.frames], np.int64).T
 
+    def units(self) -> np.ndarray | None:
+        """``[T]`` int64, or None when units were not returned."""
+        if not self.frames or self.frames[0].unit is None:
+            return None
+        return np.array([f.unit for f in self.frames], np.int64)
+
     def index(self) -> np.ndarray:
         return np.array([f.index for f in self.frames], np.int64)
 
 
 def load_job(path: str | Path) -> StreamJob:
-    """Read a file to mono float32; resample here only if its rate is outside 8-48 kHz."""
+    """Read a file to mono float32; resample here only if its rate is outside the 8-48 kHz a
+    session may send (PROTOCOL.md §13): 96 kHz goes as 48 kHz, 4 kHz as 8 kHz."""
     audio, rate = read_audio(path)
     target = supported_rate(rate)
     if target != rate:
@@ -141,7 +153,8 @@ def _raise_fatal(client: StreamtokClient) -> None:
 async def open_session(job: StreamJob, opts: StreamOptions) -> StreamtokClient:
     return await StreamtokClient.connect(
         opts.url, model=opts.model, sample_rate=job.rate, format="f32le", channels=1,
-        codes=opts.codebooks if opts.codebooks else True, latents=opts.latents, token=opts.token)
+        codes=opts.codebooks if opts.codebooks else None, units=opts.units, latents=opts.latents,
+        token=opts.token, max_ahead_s=opts.max_ahead_s)
 
 
 async def stream_session(client: StreamtokClient, job: StreamJob, opts: StreamOptions,
@@ -160,11 +173,9 @@ async def stream_session(client: StreamtokClient, job: StreamJob, opts: StreamOp
                 ahead = t0 + end / rate - time.monotonic()
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-            else:
-                while (end / rate - len(client.frames) / card.frame_rate > opts.max_ahead_s
-                       and client.ws.close_code is None):
-                    _raise_fatal(client)
-                    await asyncio.sleep(0.002)
+            # Bounded send-ahead (a server slower than the pace): waited here, not inside
+            # send_audio, so that the send time logged is the real one.
+            await client.wait_ahead(opts.max_ahead_s)
             _raise_fatal(client)
             log.sent(end - pos, time.monotonic())
             await client.send_audio(audio[pos:end])
@@ -209,6 +220,9 @@ def output_path(path: Path, stream: int, streams: int) -> Path:
 def write_npz(result: StreamResult, path: Path) -> None:
     card = result.ready.model
     extra = {}
+    units = result.units()
+    if units is not None:
+        extra["units"] = units
     if result.frames and result.frames[0].latent is not None:
         extra["latents"] = np.stack([f.latent.astype(np.float32) for f in result.frames], 1)
     np.savez(path, codes=result.codes(), index=result.index(),
@@ -219,12 +233,15 @@ def write_npz(result: StreamResult, path: Path) -> None:
 
 
 def jsonl_lines(result: StreamResult) -> list[str]:
-    """One JSON object per frame: stream, file, index, t, codes, latency_ms (null if unknown)."""
+    """One JSON object per frame: stream, file, index, t, codes and/or unit, latency_ms (null if
+    unknown)."""
     lines = []
     for f, lat in zip(result.frames, result.latency, strict=True):
         row: dict = {"stream": result.stream, "file": result.job.name, "index": f.index, "t": f.t}
         if f.codes is not None:
             row["codes"] = list(f.codes)
+        if f.unit is not None:
+            row["unit"] = f.unit
         if f.latent is not None:
             row["latent"] = [round(float(v), 5) for v in f.latent]
         row["latency_ms"] = round(float(lat) * 1000, 3) if np.isfinite(lat) else None
@@ -279,11 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=None,
                    help="concurrent streams (default: one per FILE); stream i sends FILE[i %% n]")
     p.add_argument("--out", type=Path, default=None, help="write tokens to .npz or .jsonl")
-    p.add_argument("--codebooks", type=int, default=None, help="RVQ levels to ask for (default: all)")
+    p.add_argument("--codebooks", type=int, default=None,
+                   help="RVQ levels to ask for (default: all; a model without codes sends units)")
+    p.add_argument("--units", action="store_true", default=None,
+                   help="also ask for units (default: only from a model without codes)")
     p.add_argument("--latents", action="store_true", help="also ask for latents (stored in the output)")
     add_token_argument(p)
     p.add_argument("--max-ahead", type=float, default=5.0,
-                   help="--fast: seconds of audio sent beyond the last frame received (default 5)")
+                   help="most seconds of audio sent beyond the last frame received (default 5; "
+                        "what matters with --fast)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -298,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--chunk-ms must be positive")
     if args.codebooks is not None and args.codebooks < 1:
         parser.error("--codebooks must be at least 1")
+    if args.max_ahead <= 0:
+        parser.error("--max-ahead must be positive")
     if args.out is not None and args.out.suffix not in (".npz", ".jsonl"):
         parser.error("--out must end in .npz or .jsonl")
     try:
@@ -307,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     jobs = [loaded[i % len(loaded)] for i in range(sessions)]
     opts = StreamOptions(url=args.url, model=args.model, realtime=args.realtime,
-                         chunk_ms=args.chunk_ms, codebooks=args.codebooks, latents=args.latents,
+                         chunk_ms=args.chunk_ms, codebooks=args.codebooks, units=args.units,
+                         latents=args.latents,
                          token=args.token, max_ahead_s=args.max_ahead)
     t0 = time.monotonic()
     try:
