@@ -100,7 +100,7 @@ def ship(run: Path, data: Path, dev: Path, eval_limit: int, units_limit: int, k:
 
         runpy.run_path(str(golden), run_name="streamtok_ship").get("main")(["default"])
 
-    report = evaluate(model, dev, limit=eval_limit, progress=True, group_by=("group", "lang"))
+    report = evaluate(model, dev, limit=eval_limit or None, progress=True, group_by=("group", "lang"))
     steps, hours = training_time_hours(run)
     card = CARD.read_text()
     card = replace_block(card, QUALITY_BEGIN, QUALITY_END, report.to_markdown())
@@ -123,8 +123,12 @@ def add_ship_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="training run folder (with best.safetensors and log.jsonl)")
     p.add_argument("--data", default="../shared/data/speech/train", help="folder to fit the units on")
     p.add_argument("--dev", default="../shared/data/speech/dev", help="folder for the quality table")
-    p.add_argument("--eval-limit", type=int, default=60)
-    p.add_argument("--units-limit", type=int, default=400)
-    p.add_argument("--k", type=int, default=500)
-    p.add_argument("--hardware", default="1 CPU thread (2-core machine, no GPU)")
+    p.add_argument("--eval-limit", type=int, default=60,
+                   help="dev clips in the quality table, spread evenly over its manifest; 0: all "
+                        "(default: %(default)s)")
+    p.add_argument("--units-limit", type=int, default=400,
+                   help="training clips the speech units are fitted on (default: %(default)s)")
+    p.add_argument("--k", type=int, default=500, help="speech units to refit (default: %(default)s)")
+    p.add_argument("--hardware", default="1 CPU thread (2-core machine, no GPU)",
+                   help="what trained it, for the model card's history table (default: %(default)s)")
     p.set_defaults(func=cmd_ship)
