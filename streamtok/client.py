@@ -352,16 +352,12 @@ class StreamtokClient:
         # covers a resampler's lookahead (a few ms) and a packet ending mid-frame.
         limit = max(max_ahead_s, 2.0 / card.frame_rate + card.delay_ms / 1000.0 + 0.1)
         while self.unanswered_s() > limit and not self._reader.done():
-            fatal = [e for e in self.errors if e.fatal]
-            if fatal:
-                raise fatal[-1]
+            self._raise_if_error()
             self._progress.clear()
             waiter = asyncio.ensure_future(self._progress.wait())
             await asyncio.wait({waiter, self._reader}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-        fatal = [e for e in self.errors if e.fatal]
-        if fatal:
-            raise fatal[-1]
+        self._raise_if_error()
 
     def unanswered_s(self) -> float:
         """Seconds of audio sent beyond the end of the last frame received (input time; a
@@ -376,8 +372,10 @@ class StreamtokClient:
         return self.ws.protocol.close_rcvd is None
 
     def _raise_if_error(self) -> None:
-        if self.errors:
-            raise self.errors[-1]
+        """Raise the server's last fatal error, the reason it closed (a warning is not one)."""
+        fatal = [e for e in self.errors if e.fatal]
+        if fatal:
+            raise fatal[-1]
 
     # -- receiving -------------------------------------------------------------------------------
     async def _read(self) -> None:
