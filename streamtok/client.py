@@ -40,6 +40,7 @@ log = logging.getLogger("streamtok.client")
 
 MAX_PACKET_BYTES = 256 * 1024  # one audio message at most (the server's default limit is 1 MiB)
 MAX_AHEAD_S = 5.0  # whole arrays: audio sent beyond the frames received, in seconds
+STALL_S = 1.0  # wait_ahead sends on after this long without a frame
 
 
 def pcm_float32(audio: np.ndarray) -> np.ndarray:
@@ -341,22 +342,32 @@ class StreamtokClient:
 
     async def wait_ahead(self, max_ahead_s: float) -> None:
         """Wait until at most ``max_ahead_s`` seconds of the audio sent are not yet answered by
-        frames (never below what the next frame needs, so it cannot wait forever). Sending a
-        long file faster than real time through this keeps the server's input buffer bounded.
-        Returns at once if the connection is gone (the next send resumes it or raises); raises
-        the server's fatal error if it sent one."""
+        frames. Sending a long file faster than real time through this keeps the server's input
+        buffer bounded. It never waits for less than the server needs to step (its frames per
+        step, from ``stats``, plus the model's delay), and never long without progress: when no
+        frame arrives for :data:`STALL_S` it returns anyway (the server back-pressures a client
+        ahead of it, nothing is lost), so it cannot wait forever whatever the server's step
+        size. Returns at once if the connection is gone (the next send resumes it or raises);
+        raises the server's fatal error if it sent one."""
         if self.ready is None:
             return
         card = self.ready.model
-        # Frame i exists once input up to (i + 1) frames + the delay has arrived; the margin
-        # covers a resampler's lookahead (a few ms) and a packet ending mid-frame.
-        limit = max(max_ahead_s, 2.0 / card.frame_rate + card.delay_ms / 1000.0 + 0.1)
-        while self.unanswered_s() > limit and not self._reader.done():
+        while not self._reader.done():
+            # Frame i exists once input up to (i + 1) frames + the delay has arrived, and a live
+            # session steps k frames at once; the margin covers a resampler's lookahead and a
+            # packet ending mid-frame.
+            k = max(1, int(self.server_stats.get("frames_per_step", 1)))
+            limit = max(max_ahead_s, (k + 1) / card.frame_rate + card.delay_ms / 1000.0 + 0.1)
+            if self.unanswered_s() <= limit:
+                break
             self._raise_if_error()
             self._progress.clear()
             waiter = asyncio.ensure_future(self._progress.wait())
-            await asyncio.wait({waiter, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({waiter, self._reader}, timeout=STALL_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+            if not done:
+                break  # no frame for STALL_S: send on, the server holds what it cannot take yet
         self._raise_if_error()
 
     def unanswered_s(self) -> float:

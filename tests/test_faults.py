@@ -18,7 +18,7 @@ from test_server import START, TINY, _read_all, assert_same_codes, run, running_
 from websockets.protocol import State
 
 from streamtok.audio.pcm import encode_pcm
-from streamtok.client import ServerError, StreamtokClient
+from streamtok.client import ServerError, StreamtokClient, stream_array
 from streamtok.engine import engine as engine_module
 from streamtok.engine import session as session_module
 from streamtok.engine.session import EncodeOptions, EncoderSession
@@ -415,3 +415,115 @@ def test_engine_docstring_examples_hold():
     for module in (engine_module, session_module):
         result = doctest.testmod(module)
         assert result.attempted >= 1 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("rate", [47999, 44100, 22050])
+def test_a_held_session_steps_even_below_a_pinned_step_size(rate):
+    """Pinned at 16 frames per step, the most a step takes, with a 0.5 s buffer, at rates whose
+    resampling leaves a few bytes of room after a hold: the buffer grows to hold a pinned step
+    and a full session steps what it holds, so every frame arrives (a pin above the largest
+    step is refused: see below)."""
+    audio = speech(5.0, rate)
+
+    async def main():
+        async with running_server(buffer_seconds=0.5, max_frames_per_step=16, pin_frames_per_step=16) as (_, url):
+            async with websockets.connect(url) as ws:
+                await ws.send(msgpack.packb(START | {"sample_rate": rate, "format": "s16le"}))
+                await ws.recv()
+                reader = asyncio.create_task(_read_all(ws))
+                await ws.send(msgpack.packb({"type": "audio", "data": encode_pcm(audio, "s16le")}))
+                await ws.send(msgpack.packb({"type": "end"}))
+                return await asyncio.wait_for(reader, 30), ws.close_code
+
+    out, close = run(main())
+    frames = [f for m in out if m["type"] == "tokens" for f in m["frames"]]
+    assert close == 1000 and [f["index"] for f in frames] == list(range(125))
+
+
+def test_a_pin_above_the_largest_step_is_refused():
+    with pytest.raises(Exception, match="pin_frames_per_step"):
+        ServerConfig(models=["tiny"], max_frames_per_step=16, pin_frames_per_step=32).validate()
+
+
+def test_client_pacing_never_waits_on_a_step_bigger_than_its_limit():
+    """max_ahead_s below the server's (pinned) step: the client does not wait forever for a
+    frame the server only computes once more audio has come; it sends on."""
+    async def main():
+        async with running_server(max_frames_per_step=16, pin_frames_per_step=16) as (_, url):
+            return await asyncio.wait_for(
+                stream_array(url, speech(4.0), 16000, model="tiny", max_ahead_s=0.25), 30)
+
+    c = run(main())
+    assert c.codes().shape[1] == 100
+    assert_same_codes(TINY, c.codes(), speech(4.0), 16000, "s16le")
+
+
+def test_a_fatal_error_while_held_closes_at_once():
+    """A session that fails while the server holds its input back: the client learns of it
+    at once, not after websockets' close timeout (10 s)."""
+    model = Faulty(TINY)
+    model.stall_s = 0.03
+    audio = np.tile(speech(3.0), 3)
+
+    async def main():
+        async with faulty_server(model, buffer_seconds=0.2, max_frames_per_step=2) as (server, url):
+            ws = await websockets.connect(url)
+            await ws.send(msgpack.packb(START | {"format": "f32le"}))
+            await ws.recv()
+            reader = asyncio.create_task(_read_all(ws))
+
+            async def send():
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    for i in range(0, len(audio), 640):
+                        await ws.send(msgpack.packb({"type": "audio", "data": audio[i:i + 640].astype("<f4").tobytes()}))
+
+            sender = asyncio.create_task(send())
+            conn = next(iter(server.connections))
+            while conn.held is None:
+                await asyncio.sleep(0.005)
+            model.poisoned = {conn.session.slot}
+            t0 = time.monotonic()
+            out = await asyncio.wait_for(reader, 30)
+            took = time.monotonic() - t0
+            await sender
+            return out, ws.close_code, took
+
+    out, close, took = run(main())
+    assert close == 1011 and any(m["type"] == "error" and m["fatal"] for m in out)
+    assert took < 3.0, took
+
+
+def test_resume_after_a_message_ending_inside_a_sample_block():
+    """A connection drops after half a sample: the client re-sends from resume_sample (whole
+    samples), and the stray byte the server had is not joined to it."""
+    audio = speech(2.0)
+    pcm = encode_pcm(audio, "s16le")
+
+    async def main():
+        async with running_server() as (_, url):
+            start = START | {"format": "s16le"}
+            ws = await websockets.connect(url)
+            await ws.send(msgpack.packb(start))
+            ready = msgpack.unpackb(await ws.recv())
+            await ws.send(msgpack.packb({"type": "audio", "data": pcm[:16001]}))
+            await ws.send(msgpack.packb({"type": "ping", "t": 1.0}))
+            got = []
+            while True:
+                m = msgpack.unpackb(await ws.recv())
+                got += m["frames"] if m["type"] == "tokens" else []
+                if m["type"] == "pong":
+                    break
+            ws.transport.abort()  # a network drop
+            await asyncio.sleep(0.2)
+            last = got[-1]["index"] if got else -1
+            ws2 = await websockets.connect(url)
+            await ws2.send(msgpack.packb(start | {"resume": {"token": ready["resume_token"], "last_frame": last}}))
+            resumed = msgpack.unpackb(await ws2.recv())
+            await ws2.send(msgpack.packb({"type": "audio", "data": pcm[resumed["resume_sample"] * 2:]}))
+            await ws2.send(msgpack.packb({"type": "end"}))
+            out = await _read_all(ws2)
+            return got + [f for m in out if m["type"] == "tokens" for f in m["frames"]], out, ws2.close_code
+
+    frames, out, close = run(main())
+    assert close == 1000 and not [m for m in out if m["type"] == "error"]
+    assert_same_codes(TINY, np.array([f["codes"] for f in frames]).T, audio, 16000, "s16le")

@@ -235,7 +235,8 @@ class ModelEngine:
         but at least a catch-up step's worth (a live session steps once it has k frames, so a
         buffer smaller than a step could never fill one)."""
         frames = int(self.buffer_seconds * self.card.sample_rate / self.card.frame_size)
-        return max(frames, self.max_frames_per_step, self.first_step_frames, 2)
+        return max(frames, self.max_frames_per_step, self.tuner.cfg.pinned_frames_per_step or 0,
+                   self.first_step_frames, 2)
 
     def _full(self, kind: str) -> str:
         n = self.max_sessions
@@ -375,7 +376,7 @@ class ModelEngine:
                         starting.append(s.slot)
                     elif s.boundaries:  # a stream shorter than that: try what there is
                         ready.append((s.slot, n))
-                elif kind == "dec" or n >= k or s.boundaries or not s.room_bytes():
+                elif kind == "dec" or n >= k or s.boundaries or s.input_full():
                     # a live session waits for k frames; one cut by a flush steps what it has,
                     # and so does one whose buffer is full (the server has stopped reading it)
                     ready.append((s.slot, n))

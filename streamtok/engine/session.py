@@ -129,6 +129,12 @@ class EncoderSession:
         blocks = input_samples_that_fit(self.ring.free - self.reserve, self.input_rate, self.model_rate)
         return max(0, blocks * self.pcm.bytes_per_frame - self.pcm.pending_bytes)
 
+    def input_full(self) -> bool:
+        """No room for another whole frame: the session steps what it has, fewer frames than
+        the engine's step size if need be (the server stops reading a client whose input does
+        not fit, so waiting for more would wait forever)."""
+        return self.ring.free - self.reserve < self.frame_size
+
     def push(self, data: bytes | memoryview, now: float) -> int:
         """Accept a packet of PCM, at most :meth:`room_bytes`; return how many frames are ready.
         Raises AudioFormatError (NaN/Inf), or BufferOverflowError for a packet over the room

@@ -364,16 +364,29 @@ class Connection:
             gone.cancel()
             if not self._detach():
                 self._stop_session()
+            drain = None
             if peer_gone:
                 writer.cancel()
             elif not writer.done():
+                # Read and drop what the client still sends while the close goes out: a
+                # connection held back has websockets' queue full, so the client's close frame
+                # would otherwise wait unread until websockets' close timeout.
+                drain = asyncio.create_task(self._drain())
                 try:
                     await asyncio.wait_for(asyncio.shield(writer), timeout=self.cfg.shutdown_timeout_s)
                 except (TimeoutError, ConnectionClosed):
                     writer.cancel()
                 except Exception:
                     writer.cancel()
+            if drain is not None:
+                drain.cancel()
             self.server.connections.discard(self)
+
+    async def _drain(self) -> None:
+        """Receive and drop messages until the connection closes."""
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.ws.recv()
 
     async def _read_loop(self) -> None:
         limiter = RateLimiter(self.cfg.max_messages_per_s, self.cfg.max_bytes_per_s,
@@ -556,12 +569,18 @@ class Connection:
             old.handle = None
             old.session = None
             old.closed.set()
+            old.held = None  # what it held back never reached the session: the client re-sends it
+            old.room.set()
             with contextlib.suppress(asyncio.QueueFull):
                 old.queue.put_nowait(("close", P.CloseCode.POLICY_VIOLATION, "session resumed elsewhere"))
         handle.conn, handle.expires_at = self, None
         self.handle, self.session, self.engine = handle, handle.session, handle.engine
         self.model_name, self.sid = msg.model, handle.session.id
         handle.session.sink = self
+        if isinstance(handle.session, EncoderSession):
+            # The client re-sends from resume_sample, a whole sample block: bytes of a partial
+            # block the dropped connection had delivered would shift every sample after them.
+            handle.session.pcm.reset()
         handle.ack(msg.resume.last_frame)
         session_log.info("session %s: resumed after frame %d", self.sid, msg.resume.last_frame)
         card = self.engine.card

@@ -96,6 +96,10 @@ class ServerConfig:
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.max_sessions < 1 or self.max_frames_per_step < 1:
             raise ConfigError("max_sessions and max_frames_per_step must be >= 1")
+        pin = self.pin_frames_per_step
+        if pin is not None and not 1 <= pin <= self.max_frames_per_step:
+            raise ConfigError(f"pin_frames_per_step must be 1..max_frames_per_step "
+                              f"({self.max_frames_per_step}), got {pin}")
         if self.stall_timeout_s <= 0:
             raise ConfigError("stall_timeout_s must be > 0")
         if bool(self.certfile) != bool(self.keyfile):

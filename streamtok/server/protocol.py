@@ -383,8 +383,9 @@ class Outputs:
 
     ``codes``: False = no codes, True = all levels, n = the first n levels (1 <= n <= model max).
     ``tokens``: the model's own tokens, whatever they are: every level of codes for a codec, the
-    unit for a units model (what a client asks for when it does not know the model's kind; it
-    cannot be combined with ``codes`` or ``units``). An encode ``start`` without ``outputs``
+    unit for a units model (what a client asks for when it does not know the model's kind). With
+    ``tokens``, ``codes`` and ``units`` are ignored: a client sends ``codes: true`` beside it for
+    servers older than ``tokens``, which ignore the key. An encode ``start`` without ``outputs``
     asks for exactly this.
     """
 
@@ -399,10 +400,9 @@ class Outputs:
         return self.codes is not False or self.units or self.latents or self.tokens
 
     def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"codes": self.codes, "units": self.units, "latents": self.latents}
-        if self.tokens:
-            d["tokens"] = True
-        return d
+        if self.tokens:  # codes: true is what a server older than `tokens` acts on
+            return {"tokens": True, "codes": True, "units": False, "latents": self.latents}
+        return {"codes": self.codes, "units": self.units, "latents": self.latents}
 
     @classmethod
     def from_wire(cls, r: _Reader) -> Outputs:
@@ -411,11 +411,10 @@ class Outputs:
             codes = False
         elif type(codes) is not bool and (type(codes) is not int or codes < 1):
             r.fail("codes", "true, false or an integer >= 1 (a number of levels)", codes)
-        out = cls(codes=codes, units=r.boolean("units", False), latents=r.boolean("latents", False),
-                  tokens=r.boolean("tokens", False))
-        if out.tokens and (out.codes is not False or out.units):
-            r.fail("tokens", "true only without codes and units (it picks one of them itself)", True)
-        return out
+        units, latents = r.boolean("units", False), r.boolean("latents", False)
+        if r.boolean("tokens", False):  # the model's own tokens: codes and units are ignored
+            return cls(tokens=True, latents=latents)
+        return cls(codes=codes, units=units, latents=latents)
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +501,7 @@ class StartMessage:
             if not outputs.any:
                 r.fail(
                     "outputs",
-                    "a map requesting at least one of codes, units, latents",
+                    "a map requesting at least one of tokens, codes, units, latents",
                     d["outputs"],
                 )
         else:
