@@ -319,6 +319,25 @@ class FakeSoundDevice:
         return Stream()
 
 
+def run_mic_with_ctrl_c(fake, argv: list[str]) -> int:
+    """Run streamtok-mic on ``fake``; Ctrl-C once all its audio is captured (the last partial
+    packet is still unsent: the interrupt must flush it), never after main returned."""
+    finished = threading.Event()
+
+    def interrupt_when_fed() -> None:
+        if fake.fed.wait(30) and not finished.wait(0.5):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_when_fed, daemon=True)
+    interrupter.start()
+    try:
+        return mic.main(argv)
+    finally:
+        finished.set()
+        fake.fed.set()
+        interrupter.join()
+
+
 @pytest.mark.parametrize("play", [False, True], ids=["tokens", "round-trip-play"])
 def test_mic_program_shows_every_frame_and_ctrl_c_flushes(url, monkeypatch, capsys, play):
     """streamtok-mic on a (fake) device prints one line per frame with the offline codes; Ctrl-C
@@ -328,23 +347,8 @@ def test_mic_program_shows_every_frame_and_ctrl_c_flushes(url, monkeypatch, caps
     fake = FakeSoundDevice(audio, rate)
     monkeypatch.setattr(mic, "_import_sounddevice", lambda: fake)
 
-    finished = threading.Event()
-
-    def interrupt_when_fed() -> None:
-        # Ctrl-C once all audio is captured (the last partial packet is still unsent: the
-        # interrupt must flush it). Never signal a program that already returned.
-        if fake.fed.wait(30) and not finished.wait(0.5):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt_when_fed, daemon=True)
-    interrupter.start()
     argv = ["--url", url, "--model", "tiny"] + (["--play"] if play else [])
-    try:
-        status = mic.main(argv)
-    finally:
-        finished.set()
-        fake.fed.set()
-        interrupter.join()
+    status = run_mic_with_ctrl_c(fake, argv)
     assert status == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if "|" in line]
@@ -556,20 +560,7 @@ def test_mic_shows_the_units_of_a_units_model(units_url, monkeypatch, capsys):
     fake = FakeSoundDevice(audio, rate)
     monkeypatch.setattr(mic, "_import_sounddevice", lambda: fake)
 
-    finished = threading.Event()
-
-    def interrupt_when_fed() -> None:  # Ctrl-C once all is captured, never after main returned
-        if fake.fed.wait(30) and not finished.wait(0.5):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt_when_fed, daemon=True)
-    interrupter.start()
-    try:
-        status = mic.main(["--url", units_url, "--model", "tiny-units"])
-    finally:
-        finished.set()
-        fake.fed.set()
-        interrupter.join()
+    status = run_mic_with_ctrl_c(fake, ["--url", units_url, "--model", "tiny-units"])
     assert status == 0
     captured = capsys.readouterr()
     shown = [int(line.split("|")[0].split()[-1][1:]) for line in captured.out.splitlines() if "|" in line]
