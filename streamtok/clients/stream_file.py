@@ -20,8 +20,9 @@ works), ``units`` ``[T]`` int64 for a model with units, ``latents`` ``[D, T]`` f
 Outputs: every level of codes (``--codebooks K``: the first K), or, for a model without codes
 (``units``), its units (``--units`` asks for units too from a model that has both).
 
-Flow control in ``--fast`` mode: at most ``--max-ahead`` seconds of audio are sent beyond the
-last frame received, so a long file never overruns the server's input buffer (``overloaded``).
+Flow control, in either pace: at most ``--max-ahead`` seconds of audio are sent beyond the last
+frame received (:meth:`StreamtokClient.wait_ahead`), so the server never has to hold a
+long file back, and the send times logged are the real ones.
 """
 
 from __future__ import annotations
