@@ -67,6 +67,11 @@ def pcm_float32(audio: np.ndarray) -> np.ndarray:
         f"{x.dtype}: convert it first (e.g. x.astype(np.float32) / 32768 for 16-bit values)")
 
 
+class ResumeGapError(StreamtokError):
+    """A dropped session cannot resume exactly: audio the server never took is no longer in the
+    client's history (it ran further ahead than ``history_seconds``)."""
+
+
 class ServerError(StreamtokError):
     """The server sent an ``error``; ``code`` is its error code string."""
 
@@ -252,7 +257,7 @@ class StreamtokClient:
             try:
                 await self._resume_once()
                 return
-            except ServerError:
+            except (ServerError, ResumeGapError):
                 raise
             except (OSError, ConnectionClosed, asyncio.TimeoutError, StreamtokError) as e:
                 last_error = e
@@ -276,6 +281,13 @@ class StreamtokClient:
         ready = await asyncio.wait_for(asyncio.shield(self._ready), 30)
         self.resumes += 1
         block = self.start_msg.format.sample_width * self.start_msg.channels
+        oldest = self._history[0][0] if self._history else self._send_log.samples
+        if ready.resume_sample < oldest:
+            await ws.close()
+            raise ResumeGapError(
+                f"cannot resume session {ready.session} without a gap: the server took audio up to "
+                f"sample {ready.resume_sample}, and the history kept to send it again starts at "
+                f"sample {oldest} (history_seconds is shorter than how far ahead the client ran)")
         for first, data in list(self._history):
             n = len(data) // block
             if first + n <= ready.resume_sample:

@@ -18,7 +18,7 @@ from test_server import START, TINY, _read_all, assert_same_codes, run, running_
 from websockets.protocol import State
 
 from streamtok.audio.pcm import encode_pcm
-from streamtok.client import ServerError, StreamtokClient, stream_array
+from streamtok.client import ResumeGapError, ServerError, StreamtokClient, stream_array
 from streamtok.engine import engine as engine_module
 from streamtok.engine import session as session_module
 from streamtok.engine.session import EncodeOptions, EncoderSession
@@ -527,3 +527,26 @@ def test_resume_after_a_message_ending_inside_a_sample_block():
     frames, out, close = run(main())
     assert close == 1000 and not [m for m in out if m["type"] == "error"]
     assert_same_codes(TINY, np.array([f["codes"] for f in frames]).T, audio, 16000, "s16le")
+
+
+def test_resume_that_would_leave_a_gap_raises_instead():
+    """A client far ahead of a slow server (no pacing) whose connection drops: the audio the
+    server never took is older than the client's history, so the resume says so instead of
+    going on with a hole in the stream."""
+    model = Faulty(TINY)
+    model.stall_s = 0.05
+    audio = speech(3.0)
+
+    async def main():
+        async with faulty_server(model, buffer_seconds=0.2, max_frames_per_step=2) as (_, url):
+            c = await StreamtokClient.connect(url, model="tiny", format="f32le", max_ahead_s=None)
+            c._history_limit = 1600  # keep 0.1 s to send again
+            for i in range(0, len(audio), 640):
+                await c.send_audio(audio[i:i + 640])
+            c.ws.transport.abort()  # a network drop
+            await asyncio.sleep(0.1)
+            with pytest.raises(ResumeGapError, match="without a gap"):
+                await c.send_audio(audio[:640])
+            await c.close()
+
+    run(main())
