@@ -234,7 +234,7 @@ class StreamtokClient:
         except ConnectionClosed:
             if not self.auto_resume or self._ended or not self._dropped():
                 # the server closed on purpose (a fatal error, shutdown): say why, no resume
-                self._raise_if_error()
+                self.raise_if_failed()
                 raise
             await self._start_resume()
             if not audio:  # audio was in the history, and the resume re-sent it
@@ -325,7 +325,7 @@ class StreamtokClient:
                                      return_when=asyncio.FIRST_COMPLETED)
         if getter not in done:
             getter.cancel()
-            self._raise_if_error()
+            self.raise_if_failed()
             raise StreamtokError("no 'pong' from the server")
         return time.monotonic() - t
 
@@ -349,7 +349,7 @@ class StreamtokClient:
                 await self._start_resume()
                 continue
             getter.cancel()
-            self._raise_if_error()
+            self.raise_if_failed()
             raise StreamtokError("connection closed before 'flushed'" if done else "timed out waiting for 'flushed'")
 
     async def wait_ahead(self, max_ahead_s: float) -> None:
@@ -372,7 +372,7 @@ class StreamtokClient:
             limit = max(max_ahead_s, (k + 1) / card.frame_rate + card.delay_ms / 1000.0 + 0.1)
             if self.unanswered_s() <= limit:
                 break
-            self._raise_if_error()
+            self.raise_if_failed()
             self._progress.clear()
             waiter = asyncio.ensure_future(self._progress.wait())
             done, _ = await asyncio.wait({waiter, self._reader}, timeout=STALL_S,
@@ -380,7 +380,7 @@ class StreamtokClient:
             waiter.cancel()
             if not done:
                 break  # no frame for STALL_S: send on, the server holds what it cannot take yet
-        self._raise_if_error()
+        self.raise_if_failed()
 
     def unanswered_s(self) -> float:
         """Seconds of audio sent beyond the end of the last frame received (input time; a
@@ -394,7 +394,7 @@ class StreamtokClient:
         """The connection ended without a close frame from the server (a network drop)."""
         return self.ws.protocol.close_rcvd is None
 
-    def _raise_if_error(self) -> None:
+    def raise_if_failed(self) -> None:
         """Raise the server's last fatal error, the reason it closed (a warning is not one)."""
         fatal = [e for e in self.errors if e.fatal]
         if fatal:

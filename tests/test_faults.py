@@ -419,14 +419,14 @@ def test_engine_docstring_examples_hold():
 
 @pytest.mark.parametrize("rate", [47999, 44100, 22050])
 def test_a_held_session_steps_even_below_a_pinned_step_size(rate):
-    """Pinned at 16 frames per step, the most a step takes, with a 0.5 s buffer, at rates whose
-    resampling leaves a few bytes of room after a hold: the buffer grows to hold a pinned step
-    and a full session steps what it holds, so every frame arrives (a pin above the largest
-    step is refused: see below)."""
+    """Pinned at 16 frames per step, the most a step takes, with a buffer asked for smaller than
+    that, at rates whose resampling leaves a few bytes of room after a hold: the buffer grows to
+    hold a pinned step, so every frame arrives (a pin above the largest step is refused: see
+    below)."""
     audio = speech(5.0, rate)
 
     async def main():
-        async with running_server(buffer_seconds=0.5, max_frames_per_step=16, pin_frames_per_step=16) as (_, url):
+        async with running_server(buffer_seconds=0.05, max_frames_per_step=16, pin_frames_per_step=16) as (_, url):
             async with websockets.connect(url) as ws:
                 await ws.send(msgpack.packb(START | {"sample_rate": rate, "format": "s16le"}))
                 await ws.recv()

@@ -143,19 +143,11 @@ def frame_latencies(frames: Sequence[ReceivedFrame], log: SendLog, card: P.Model
     return out
 
 
-def _raise_fatal(client: StreamtokClient) -> None:
-    """Raise the server's fatal error, if it sent one, instead of sending on. (A connection
-    that merely dropped is the client's to resume on the next send.)"""
-    fatal = [e for e in client.errors if e.fatal]
-    if fatal:
-        raise fatal[-1]
-
-
 async def open_session(job: StreamJob, opts: StreamOptions) -> StreamtokClient:
     return await StreamtokClient.connect(
         opts.url, model=opts.model, sample_rate=job.rate, format="f32le", channels=1,
         codes=opts.codebooks if opts.codebooks else None, units=opts.units, latents=opts.latents,
-        token=opts.token, max_ahead_s=opts.max_ahead_s)
+        token=opts.token, max_ahead_s=None)  # stream_session waits, before logging the send
 
 
 async def stream_session(client: StreamtokClient, job: StreamJob, opts: StreamOptions,
@@ -175,16 +167,16 @@ async def stream_session(client: StreamtokClient, job: StreamJob, opts: StreamOp
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             # Bounded send-ahead (a server slower than the pace): waited here, not inside
-            # send_audio, so that the send time logged is the real one.
+            # send_audio (the session is opened without a limit), so that the send time logged
+            # is the real one. It raises the server's fatal error, if any, instead of sending on.
             await client.wait_ahead(opts.max_ahead_s)
-            _raise_fatal(client)
             log.sent(end - pos, time.monotonic())
             await client.send_audio(audio[pos:end])
             pos = end
         log.close(time.monotonic())
         await client.end()
     except ConnectionClosed as e:
-        _raise_fatal(client)
+        client.raise_if_failed()
         raise StreamtokError(f"connection lost: {e}") from e
     wall = time.monotonic() - t0
     frames = sorted(client.frames, key=lambda f: f.index)
