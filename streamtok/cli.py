@@ -91,9 +91,11 @@ def parse_weights(values: Sequence[str] | None, models: Sequence[str] | None) ->
 def _cmd_train(args: argparse.Namespace) -> int:
     from streamtok.training.train import RECIPE, TrainOptions, train
 
+    check_device(args.device)
     train(TrainOptions(config=args.config, data=args.data, out=args.out, val=args.val, noise=args.noise,
                        steps=args.steps, threads=args.threads or 1, device=args.device,
                        val_every=args.val_every, ckpt_every=args.ckpt_every, init=args.init,
+                       time_limit=args.time_limit, fit_decay=args.fit_decay,
                        **{k: getattr(args, k) for k in RECIPE}))
     return 0
 
@@ -356,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--batch", int, "crops per step")
     setting("--segment", float, "seconds per training crop")
     setting("--lr", float, "learning rate")
-    setting("--decay-from", int, "step at which the learning rate starts a cosine decay; off: constant")
-    setting("--decay-steps", int, "length of that decay")
+    setting("--decay-from", int, "step at which the learning rate starts a cycle (warm-up, then a cosine "
+                                 "decay); off: constant")
+    setting("--warmup", int, "steps of that cycle's linear rise from --lr-min to --lr")
+    setting("--decay-steps", int, "length of the cosine decay after the warm-up")
     setting("--lr-min", float, "learning rate at its end and after")
     setting("--new-lr-scale", float, "learning-rate multiplier for layers --init's weights lack (a grown config)")
     setting("--quantizer-dropout", float, "share of crops trained at a random depth 1..levels instead of all levels")
@@ -367,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--disc", str, "discriminator of the GAN phase: multi-period (cheap), multi-scale STFT, or both",
             choices=DISC_KINDS)
     setting("--disc-batch", int, "items of each batch the GAN losses see; off: all, fewer saves CPU time")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
+    t.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop (checkpointed and validated) after this much training time")
+    t.add_argument("--fit-decay", action="store_true",
+                   help="with --time-limit and --decay-from: time the first steps, then set --decay-steps "
+                        "so the cycle ends shortly before the limit")
     t.add_argument("--val-every", type=int, default=1000)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--init", help="weights to start from when OUT has no checkpoint (e.g. "

@@ -43,8 +43,8 @@ def corpus(tmp_path: Path) -> Path:
 
 def options(corpus: Path, out: Path, steps: int, **kw) -> TrainOptions:
     return TrainOptions(config=str(CONFIG), data=str(corpus), val=str(corpus), out=str(out), steps=steps,
-                        batch=2, segment_seconds=0.4, log_every=2, ckpt_every=2, val_every=2, val_clips=2,
-                        **kw)
+                        **{"batch": 2, "segment_seconds": 0.4, "log_every": 2, "ckpt_every": 2, "val_every": 2,
+                           "val_clips": 2} | kw)
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -237,3 +237,42 @@ def test_ema_run_keeps_the_average_as_best_and_resumes_it(corpus: Path, tmp_path
     assert resumed["options"]["ema"] == 0.5
     assert any(not torch.equal(resumed["ema"][k], avg[k]) for k in conv)
     assert [r["step"] for r in log_rows(out) if "live_val_mel" in r] == [4, 8]
+
+
+def test_a_cycle_warms_up_linearly_then_decays() -> None:
+    opts = TrainOptions(config="", data="", out="", lr=2e-4, decay_from=100, warmup=10, decay_steps=40,
+                        lr_min=2e-5)
+    assert learning_rate(opts, 99) == 2e-4  # before the cycle: the flat rate
+    assert learning_rate(opts, 100) == pytest.approx(2e-5 + 1.8e-4 / 10)
+    assert learning_rate(opts, 104) == pytest.approx(2e-5 + 1.8e-4 / 2)
+    assert learning_rate(opts, 109) == pytest.approx(2e-4)  # top reached at the warm-up's end
+    assert learning_rate(opts, 130) == pytest.approx((2e-4 + 2e-5) / 2)  # cosine's midpoint
+    assert learning_rate(opts, 150) == pytest.approx(2e-5)
+    rise = [learning_rate(opts, s) for s in range(100, 110)]
+    assert all(a < b for a, b in zip(rise, rise[1:], strict=False))
+
+
+def test_time_limit_stops_checkpointed_and_fit_decay_ends_the_cycle_before_it(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a time limit the run stops on its own, checkpointed and validated at its last step;
+    fit_decay times the first steps and sizes the decay so the rate is at its floor by then."""
+    import streamtok.training.train as train_mod
+
+    monkeypatch.setattr(train_mod, "FIT_WINDOW", (2, 8))
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=10**6, time_limit=4.0, fit_decay=True, decay_from=0, warmup=2,
+                  lr=1e-3, lr_min=1e-5, val_every=10**6))
+    rows = log_rows(out)
+    fitted = [r["fitted_decay_steps"] for r in rows if "fitted_decay_steps" in r]
+    assert len(fitted) == 1 and fitted[0] > 0
+    last = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert 8 < last["step"] < 10**6
+    assert last["options"]["decay_steps"] == fitted[0]  # a resume keeps the fitted cycle
+    assert [r["step"] for r in rows if "val_mel" in r] == [last["step"]]  # validated once, at the stop
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] == pytest.approx(1e-5)
+
+
+def test_fit_decay_needs_a_time_limit_and_a_cycle(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fit_decay"):
+        train(options(corpus, tmp_path / "run", steps=4, fit_decay=True, decay_from=0))

@@ -44,10 +44,13 @@ class TrainOptions:
     val_clips: int = 24
     seed: int = 0
     init: str | None = None  # weights to start from when OUT has no checkpoint (e.g. the shipped ones)
+    time_limit: float | None = None  # seconds of training after which this invocation stops (checkpointed)
+    fit_decay: bool = False  # with time_limit: measure the speed, then size decay_steps to end at the limit
     # The run's settings (keys of RECIPE). None means "not given": a new run takes RECIPE's value, a
     # resumed run the value its checkpoint kept, so it goes on as it was started unless told otherwise.
     lr: float | None = None
-    decay_from: int | None = None  # step at which a cosine decay of the learning rate starts
+    decay_from: int | None = None  # step at which a cycle starts: warm-up, then a cosine decay
+    warmup: int | None = None  # steps of linear rise from lr_min to lr at the cycle's start
     decay_steps: int | None = None
     lr_min: float | None = None
     ema: float | None = None  # decay of an exponential moving average of the weights, validated and kept as best
@@ -63,10 +66,15 @@ class TrainOptions:
 # The recipe's values of the run settings; None for the optional parts means "off" (no decay, no
 # weight average, no adversarial phase, the GAN losses see the whole batch).
 RECIPE: dict[str, object] = {
-    "lr": 3e-4, "decay_from": None, "decay_steps": 10_000, "lr_min": 3e-5, "ema": None,
+    "lr": 3e-4, "decay_from": None, "warmup": 0, "decay_steps": 10_000, "lr_min": 3e-5, "ema": None,
     "quantizer_dropout": 0.5, "new_lr_scale": 1.0, "batch": 8, "segment_seconds": 1.0,
     "adversarial_from": None, "disc": "mpd", "disc_batch": None,
 }
+
+
+# fit_decay times the steps between these two (counted from the run's start): the first ones are
+# slow (cuDNN's kernel search, allocator warm-up) and are left out.
+FIT_WINDOW = (20, 220)
 
 
 def settle(opts: TrainOptions, saved: dict | None = None) -> TrainOptions:
@@ -87,13 +95,18 @@ def saved_settings(ckpt: dict) -> dict:
     return saved
 
 def learning_rate(opts: TrainOptions, step: int) -> float:
-    """``lr`` until ``decay_from``, then a cosine down to ``lr_min`` over ``decay_steps``, then flat.
+    """``lr`` until ``decay_from``; from there a linear rise from ``lr_min`` to ``lr`` over
+    ``warmup`` steps (a fresh optimizer, or a warm restart, takes big steps gently), then a cosine
+    down to ``lr_min`` over ``decay_steps``, then flat.
 
     A function of the step alone, so a resumed run takes up the schedule where it stopped.
     """
     if opts.decay_from is None or step < opts.decay_from:
         return opts.lr
-    t = min(1.0, (step - opts.decay_from) / max(1, opts.decay_steps))
+    since, warmup = step - opts.decay_from, opts.warmup or 0
+    if since < warmup:
+        return opts.lr_min + (opts.lr - opts.lr_min) * (since + 1) / warmup
+    t = min(1.0, (since - warmup) / max(1, opts.decay_steps))
     return opts.lr_min + 0.5 * (opts.lr - opts.lr_min) * (1.0 + math.cos(math.pi * t))
 
 
@@ -128,13 +141,15 @@ def _param_groups(model: torch.nn.Module, new: list[str], scale: float) -> list[
 
 
 def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str, float]:
+    """Validation log-mel distance and SI-SDR of the full-depth codec, scored on the CPU."""
     model.eval()
+    device = next(model.parameters()).device
     mel, sdr = [], []
     with torch.no_grad():
         for clip in clips:
             x = torch.from_numpy(clip)[None]
-            codes = model.encode(x).codes
-            y = model.decode(codes)[0, : x.shape[-1]]
+            codes = model.encode(x.to(device)).codes
+            y = model.decode(codes)[0, : x.shape[-1]].float().cpu()
             mel.append(log_mel_distance(y, x[0], sr))
             sdr.append(si_sdr(y, x[0]))
     model.train()
@@ -148,6 +163,8 @@ def train(opts: TrainOptions) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = CodecConfig.from_json(opts.config)
     device = torch.device(opts.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # crops have one shape: let cuDNN pick its fastest kernels
     model = CausalCodec(cfg).to(device)
     log.info("model %s: %.2f M parameters, %d Hz, frame %d", cfg.name,
              count_parameters(model) / 1e6, cfg.sample_rate, cfg.frame_size)
@@ -211,9 +228,15 @@ def train(opts: TrainOptions) -> None:
         logf.write(json.dumps({"step": step, "init": str(Path(opts.init).resolve())}) + "\n")
     acc: dict[str, float] = {}
     t0 = time.monotonic()
+    start, fit_at = step, None
+    if opts.fit_decay:
+        if opts.time_limit is None or opts.decay_from is None:
+            raise ValueError("fit_decay needs time_limit and decay_from")
+        fit_at = (start + FIT_WINDOW[0], start + FIT_WINDOW[1])
     model.train()
     bar = tqdm(total=opts.steps, initial=step, desc="train", dynamic_ncols=True)
-    while step < opts.steps:
+    timed_out = False
+    while step < opts.steps and not timed_out:
         lr = learning_rate(opts, step)
         for group in opt.param_groups + opt_d.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -246,6 +269,15 @@ def train(opts: TrainOptions) -> None:
             parts["disc"] = l_d.item()
         step += 1
         bar.update(1)
+        if fit_at is not None and step in fit_at:
+            if step == fit_at[0]:
+                t_fit = time.monotonic()
+            else:
+                opts, fit_at = _fit_decay(opts, step, (time.monotonic() - t_fit) / (fit_at[1] - fit_at[0]),
+                                          opts.time_limit - (time.monotonic() - t0), len(val_clips)), None
+                logf.write(json.dumps({"step": step, "fitted_decay_steps": opts.decay_steps}) + "\n")
+        timed_out = opts.time_limit is not None and time.monotonic() - t0 >= opts.time_limit
+        last = step == opts.steps or timed_out
         for k, v in (parts | {"gnorm": float(gnorm)}).items():
             acc[k] = acc.get(k, 0.0) + v
         if step % opts.log_every == 0:
@@ -255,7 +287,7 @@ def train(opts: TrainOptions) -> None:
             logf.write(json.dumps(row) + "\n")
             logf.flush()
             bar.set_postfix(mel=row["mel"], commit=row["commit"])
-        if val_clips and step % opts.val_every == 0:
+        if val_clips and (step % opts.val_every == 0 or last):
             score = _val_score(model, val_clips, cfg.sample_rate)
             kept = model
             if ema is not None:  # the average is what is kept; the live weights' score is logged beside it
@@ -267,7 +299,7 @@ def train(opts: TrainOptions) -> None:
             if score["val_mel"] < best:
                 best = score["val_mel"]
                 save_codec(kept, out / "best.safetensors", {"step": str(step), **{k: str(v) for k, v in score.items()}})
-        if step % opts.ckpt_every == 0 or step == opts.steps:
+        if step % opts.ckpt_every == 0 or last:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
                         "opt_d": opt_d.state_dict(), "disc_kind": opts.disc, "step": step, "new_params": new, "best": best,
@@ -278,3 +310,17 @@ def train(opts: TrainOptions) -> None:
             save_codec(model, out / "last.safetensors", {"step": str(step)})
     bar.close()
     logf.close()
+    if timed_out:
+        log.info("time limit reached at step %d (%d steps this run)", step, step - start)
+
+
+def _fit_decay(opts: TrainOptions, step: int, step_seconds: float, seconds_left: float,
+               val_clips: int) -> TrainOptions:
+    """``opts`` with ``decay_steps`` sized so the warm-up and the cosine end at about 90 % of the
+    time left, counting validation at an estimated 0.05 s per clip and scoring."""
+    val_cost = 0.05 * val_clips * 2 / opts.val_every  # per step: both weights scored every val_every
+    steps_left = int(0.9 * seconds_left / (step_seconds + val_cost))
+    done = step - opts.decay_from
+    decay = max(1, steps_left + done - (opts.warmup or 0))
+    log.info("%.3f s per step, %.0f s left: decay over %d steps", step_seconds, seconds_left, decay)
+    return dataclasses.replace(opts, decay_steps=decay)
