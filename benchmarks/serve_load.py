@@ -249,12 +249,12 @@ class ServerProcess:
     ``log_path``. ``env`` adds ``STREAMTOK_<FIELD>`` settings (e.g. the tuner pin)."""
 
     def __init__(self, model: str, threads: int, max_sessions: int, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, device: str = "cpu") -> None:
         self.model, self.port, self.log_path = model, free_port(), log_path
         exe = Path(sys.executable).with_name("streamtok")
         cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "streamtok.cli"]),
                "--threads", str(threads), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--model", model, "--max-sessions", str(max_sessions)]
+               "--model", model, "--max-sessions", str(max_sessions), "--device", device]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTOK_")}
         full_env |= env or {}
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -591,6 +591,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="served model (default: default)")
     p.add_argument("--threads", type=int, default=1,
                    help="server torch threads (`streamtok --threads T serve`; default 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the server's torch device (default cpu)")
     p.add_argument("--quick", action="store_true", help="smoke run (under a minute)")
     p.add_argument("--data", type=Path, default=DATA_DIR, help=f"speech folder (default {DATA_DIR})")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
@@ -621,13 +622,14 @@ def main(argv: list[str] | None = None) -> int:
     levels = args.sessions or list(QUICK_LEVELS if args.quick else LEVELS)
     seconds = args.seconds or (5.0 if args.quick else 20.0)
     rng = np.random.default_rng(args.seed)
-    info = machine_info(args.threads) | {"model": args.model, "seconds": seconds, "levels": levels,
+    info = machine_info(args.threads) | {"model": args.model, "device": args.device, "seconds": seconds, "levels": levels,
                                          "quick": args.quick, "stagger_s": args.stagger}
     wall0 = time.monotonic()
     pool = load_pool(args.data, max(120.0, seconds * 4), args.rate)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "serve_load_quick" if args.quick else "serve_load"
-    server = ServerProcess(args.model, args.threads, max(levels), args.out / f"{stem}.server.log")
+    stem = ("serve_load_quick" if args.quick else "serve_load") + ("_cuda" if args.device == "cuda" else "")
+    server = ServerProcess(args.model, args.threads, max(levels), args.out / f"{stem}.server.log",
+                           device=args.device)
     rows: list[LevelRow] = []
     try:
         ready_s = server.wait_ready()

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.target_ms:
                 env["STREAMTOK_LATENCY_TARGET_MS"] = f"{args.target_ms:g}"
             log = args.out / f"{stem}.{c}.run{rep}.server.log"
-            server = ServerProcess(args.model, args.threads, max(levels), log, env)
+            server = ServerProcess(args.model, args.threads, max(levels), log, env, device=args.device)
             rng = np.random.default_rng(args.seed)
             try:
                 server.wait_ready()

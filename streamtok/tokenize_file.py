@@ -110,14 +110,14 @@ def encode_array(model: Tokenizer, audio: np.ndarray, sample_rate: int, levels: 
     codes, lats, units = [], [], []
     step = step_frames * card.frame_size
     for start in tqdm(range(0, len(padded), step), disable=not progress, unit="step", desc="encode"):
-        chunk = torch.from_numpy(padded[start:start + step])[None]
+        chunk = torch.from_numpy(padded[start:start + step])[None].to(model.device)
         out = model.encode_step(chunk, streamer, None, levels, latents)
         if out.codes is not None:
-            codes.append(out.codes[0])
+            codes.append(out.codes[0].cpu())
         if out.latents is not None:
-            lats.append(out.latents[0])
+            lats.append(out.latents[0].cpu())
         if out.units is not None:
-            units.append(out.units[0])
+            units.append(out.units[0].cpu())
     k = model.check_levels(levels)
     return EncodedFile(
         codes=torch.cat(codes, -1).numpy() if codes else np.zeros((k, n_frames), np.int64),
@@ -150,12 +150,12 @@ def decode_codes(model: Tokenizer, enc: EncodedFile, progress: bool = False,
     """Codes -> audio at the original input rate, trimmed to the input's length."""
     card = model.card
     check_codes(card, enc.codes)
-    codes = torch.from_numpy(enc.codes)[None]
+    codes = torch.from_numpy(enc.codes)[None].to(model.device)
     streamer = model.decoder_streamer(1)
     out = []
     for start in tqdm(range(0, codes.shape[-1], step_frames), disable=not progress, unit="step",
                       desc="decode"):
-        out.append(model.decode_step(codes[..., start:start + step_frames], streamer, None)[0])
+        out.append(model.decode_step(codes[..., start:start + step_frames], streamer, None)[0].cpu())
     audio = torch.cat(out).numpy() if out else np.zeros(0, np.float32)
     rate = enc.input_sample_rate or card.sample_rate
     if rate != card.sample_rate:

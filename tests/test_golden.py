@@ -65,3 +65,25 @@ def test_shipped_default_keeps_its_contract():
     assert bits * card.sample_rate / card.frame_size <= 3000
     assert count_parameters(model) <= 10_000_000
     assert path.stat().st_size <= 20 * 1024 * 1024
+
+
+def test_loading_a_model_for_cuda_turns_tf32_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 convolutions changed 19 of 73 of the golden clip's frames on an H100
+    (benchmarks/results/device_check.md): a model loaded for CUDA runs in full float32. The build
+    is replaced by the CPU one here, so the rule is checked on a machine without a GPU."""
+    import dataclasses
+
+    from streamtok.models import registry
+
+    spec = get_spec("tiny")
+    on_cpu = dataclasses.replace(spec, build=lambda path, device: spec.build(path, "cpu"))
+    monkeypatch.setitem(registry._REGISTRY, "tiny", on_cpu)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        load_model("tiny")
+        assert torch.backends.cudnn.allow_tf32  # the CPU path leaves the process's settings alone
+        load_model("tiny", device="cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -83,6 +83,14 @@ class Tokenizer(abc.ABC):
     def num_levels(self) -> int:
         return len(self.card.levels)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: inputs to its steps go there first."""
+        parameters = getattr(self, "parameters", None)  # an nn.Module's
+        for p in parameters() if parameters is not None else ():
+            return p.device
+        return torch.device("cpu")
+
     # -- streaming ---------------------------------------------------------------------------
     @abc.abstractmethod
     def encoder_streamer(self, slots: int) -> Streamer: ...

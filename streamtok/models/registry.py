@@ -69,4 +69,22 @@ def load_model(name: str, weights: str | Path | None = None, device: str = "cpu"
         raise ModelError(f"weights file for {name!r} not found: {path}")
     if path is None:
         raise ModelError(f"no weights found for model {name!r}. {spec.weights_hint}".strip())
+    if device.startswith("cuda"):
+        exact_cuda_math()
     return spec.build(path, device)
+
+
+def exact_cuda_math() -> None:
+    """Turn TF32 off for cuDNN convolutions and CUDA matrix products (process-wide).
+
+    PyTorch lets cuDNN convolutions run in TF32 (a 10-bit mantissa) by default. Tokens are
+    argmins over codebook distances, and TF32's rounding moves enough of them that a GPU's codes
+    stop matching the CPU's: on an H100 the default model's golden clip had 19 of 73 frames
+    differ beyond a float near-tie with TF32 on, none with it off
+    (``benchmarks/results/device_check.md``). A tokenizer's tokens must not depend on where it
+    runs, so loading a model for CUDA turns it off. Training leaves it on (it loads no model
+    this way)."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

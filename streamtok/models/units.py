@@ -39,6 +39,10 @@ class UnitTokenizer(Tokenizer):
             units=centroids.shape[0],
             description=f"{centroids.shape[0]} k-means units over {b.name}'s encoder features")
 
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
     def encoder_streamer(self, slots: int) -> Streamer:
         return self.base.encoder_streamer(slots)
 
