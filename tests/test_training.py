@@ -255,12 +255,18 @@ def test_a_cycle_warms_up_linearly_then_decays() -> None:
 def test_time_limit_stops_checkpointed_and_fit_decay_ends_the_cycle_before_it(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a time limit the run stops on its own, checkpointed and validated at its last step;
-    fit_decay times the first steps and sizes the decay so the rate is at its floor by then."""
+    fit_decay times the first steps and sizes the decay so the rate is at its floor by then.
+    The run's clock is a fake one that moves 10 ms per reading, so the outcome does not depend on
+    the machine's load."""
+    import types
+
     import streamtok.training.train as train_mod
 
+    clock = iter(i * 0.01 for i in range(10**7))
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     monkeypatch.setattr(train_mod, "FIT_WINDOW", (2, 8))
     out = tmp_path / "run"
-    train(options(corpus, out, steps=10**6, time_limit=4.0, fit_decay=True, decay_from=0, warmup=2,
+    train(options(corpus, out, steps=10**6, time_limit=1.0, fit_decay=True, decay_from=0, warmup=2,
                   lr=1e-3, lr_min=1e-5, val_every=10**6))
     rows = log_rows(out)
     fitted = [r["fitted_decay_steps"] for r in rows if "fitted_decay_steps" in r]
@@ -271,6 +277,7 @@ def test_time_limit_stops_checkpointed_and_fit_decay_ends_the_cycle_before_it(
     assert [r["step"] for r in rows if "val_mel" in r] == [last["step"]]  # validated once, at the stop
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[-1] == pytest.approx(1e-5)
+    assert 0.8 * last["step"] <= 2 + fitted[0] < last["step"]  # the cycle ends shortly before the stop
 
 
 def test_fit_decay_needs_a_time_limit_and_a_cycle(corpus: Path, tmp_path: Path) -> None:
