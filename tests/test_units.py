@@ -78,3 +78,13 @@ def test_units_over_the_wire():
     assert ready.model.units == 16 and ready.model.levels == ()
     assert all(f.codes is None for f in frames)
     assert units == encode_array(model, audio, 16000).units.tolist()
+
+
+def test_a_tokenizer_reports_where_its_weights_are():
+    """``Tokenizer.device`` follows the weights (file encode/decode send their input there); a
+    units tokenizer answers for its base model."""
+    import copy
+
+    moved = copy.deepcopy(TINY).to("meta")
+    assert TINY.device == torch.device("cpu") and moved.device == torch.device("meta")
+    assert UnitTokenizer(moved, torch.zeros(3, moved.card.latent_dim)).device == torch.device("meta")
