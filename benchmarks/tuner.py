@@ -340,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--settle must be shorter than --level-seconds")
 
     wall0 = time.monotonic()
-    info = machine_info(args.threads) | {"model": args.model, "rate": args.rate, "levels": levels, "level_s": level_s,
+    info = machine_info(args.threads) | {"model": args.model, "device": args.device, "rate": args.rate, "levels": levels, "level_s": level_s,
                                          "settle_s": settle_s, "target_ms": target_ms,
                                          "quick": args.quick, "repeats": args.repeats}
     ramp_s = len(levels) * level_s
     pool = load_pool(args.data, max(120.0, ramp_s * 2), args.rate)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "tuner_quick" if args.quick else "tuner"
+    stem = ("tuner_quick" if args.quick else "tuner") + ("_cuda" if args.device == "cuda" else "")
     runs: dict[str, list[list[LevelRun]]] = {c: [] for c in configs}
     decisions: list[Decision] = []
     tuner_samples: list[list] = []
