@@ -550,3 +550,22 @@ def test_resume_that_would_leave_a_gap_raises_instead():
             await c.close()
 
     run(main())
+
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 12345, 22050, 44100, 47999, 48000, 96000])
+def test_a_held_buffer_always_holds_a_whole_step(rate):
+    """The buffer is sized a step plus the resampler's tail, so once it takes no more input
+    (the server holds the client) it has at least a whole step of frames, whatever the rate and
+    packet size. The engine's ``input_full`` rule (step fewer frames than a step when the buffer
+    is full) is thus a safety net: no rate or packet size tried here reaches it."""
+    pcm = encode_pcm(speech(2.0, rate), "s16le")
+    for packet in (7, 86, 441, 1000):
+        session = EncoderSession("x", 0, TINY.card.frame_size, TINY.card.sample_rate, rate, "s16le", 1,
+                                 EncodeOptions(), None, buffer_seconds=0.01, min_frames=16)
+        pos = 0
+        while (take := min(session.room_bytes(), 2 * packet, len(pcm) - pos)) > 0:
+            session.push(pcm[pos:pos + take], 0.0)
+            pos += take
+        assert pos < len(pcm) and session.room_bytes() == 0  # held
+        assert session.frames_ready >= 16, (rate, packet, session.frames_ready)

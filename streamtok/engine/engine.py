@@ -378,7 +378,9 @@ class ModelEngine:
                         ready.append((s.slot, n))
                 elif kind == "dec" or n >= k or s.boundaries or s.input_full():
                     # a live session waits for k frames; one cut by a flush steps what it has,
-                    # and so does one whose buffer is full (the server has stopped reading it)
+                    # and so does one whose buffer is full (the server has stopped reading it;
+                    # a safety net: the buffer's size makes a full one hold a whole step, see
+                    # tests/test_faults.py::test_a_held_buffer_always_holds_a_whole_step)
                     ready.append((s.slot, n))
             if starting:
                 plans.append((kind, first, starting))
