@@ -34,49 +34,48 @@ from streamtok.tokenize_file import decode_codes, encode_array, read_audio  # no
 CLIP = Path(__file__).parents[1] / "tests" / "assets" / "golden_speech.wav"
 
 
-def _quantizer(model):
-    return getattr(model, "quantizer", None)
+def _compare(cpu, ref, codes: np.ndarray) -> dict:
+    """Frames of ``codes`` identical to, excused from, or failing against the CPU's ``ref``."""
+    cmp = compare_codes(cpu.quantizer, torch.from_numpy(ref.latents), torch.from_numpy(ref.codes),
+                        torch.from_numpy(codes))
+    return {"identical": cmp.identical, "excused": cmp.excused, "failing": cmp.failing}
 
 
-def offline_rows(audio: np.ndarray, sr: int, models: list[str]) -> list[dict]:
-    rows = []
+def offline_rows(audio: np.ndarray, sr: int, models: list[str]) -> tuple[list[dict], dict]:
+    """The rows, and each model's CPU model and reference encoding (for the daemon row)."""
+    rows, refs = [], {}
     for name in models:
         cpu, gpu = load_model(name), load_model(name, device="cuda")
         ref = encode_array(cpu, audio, sr, latents=True)
+        refs[name] = cpu, ref
+        decoded = decode_codes(cpu, ref)[0] if cpu.card.can_decode else None
         for tf32 in (True, False):
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             got = encode_array(gpu, audio, sr, latents=True)
             row = {"what": f"offline {name}", "tf32": tf32, "frames": int(ref.codes.shape[-1]),
                    "latent_max_diff": float(np.abs(got.latents - ref.latents).max())}
-            if ref.codes.size and _quantizer(cpu) is not None:
-                cmp = compare_codes(cpu.quantizer, torch.from_numpy(ref.latents), torch.from_numpy(ref.codes),
-                                    torch.from_numpy(got.codes))
-                row |= {"identical": cmp.identical, "excused": cmp.excused, "failing": cmp.failing}
+            if ref.codes.size and getattr(cpu, "quantizer", None) is not None:
+                row |= _compare(cpu, ref, got.codes)
             if ref.units is not None:
                 row |= {"units_equal": float(np.mean(ref.units == got.units))}
-            if cpu.card.can_decode:
-                a, _ = decode_codes(cpu, ref)
-                b, _ = decode_codes(gpu, ref)
-                row["decoded_max_diff"] = float(np.abs(a - b).max())
+            if decoded is not None:
+                row["decoded_max_diff"] = float(np.abs(decode_codes(gpu, ref)[0] - decoded).max())
             rows.append(row)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # as loaded
-    return rows
+    return rows, refs
 
 
-def daemon_row(audio: np.ndarray, sr: int, log: Path) -> dict:
-    cpu = load_model("default")
-    ref = encode_array(cpu, audio, sr, latents=True)
+def daemon_row(cpu, ref, audio: np.ndarray, sr: int, log: Path) -> dict:
+    """``default`` streamed through ``streamtok serve --device cuda`` against the CPU's ``ref``."""
     server = ServerProcess("default", 1, 4, log, device="cuda")
     try:
         ready = server.wait_ready()
         got = encode_over_websocket(server.url, audio, sr, model="default")
     finally:
         server.stop()
-    cmp = compare_codes(cpu.quantizer, torch.from_numpy(ref.latents), torch.from_numpy(ref.codes),
-                        torch.from_numpy(got))
     return {"what": "daemon default (streamed)", "tf32": False, "frames": int(got.shape[-1]),
-            "identical": cmp.identical, "excused": cmp.excused, "failing": cmp.failing, "ready_s": round(ready, 1)}
+            **_compare(cpu, ref, got), "ready_s": round(ready, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device visible", file=sys.stderr)
         return 2
     audio, sr = read_audio(CLIP)
-    rows = offline_rows(audio, sr, args.models.split(","))
-    rows.append(daemon_row(audio, sr, args.out.with_suffix(".server.log")))
+    rows, refs = offline_rows(audio, sr, sorted(set(args.models.split(",")) | {"default"}))
+    rows.append(daemon_row(*refs["default"], audio, sr, args.out.with_suffix(".server.log")))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"torch {torch.__version__}, {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}", "",

@@ -149,7 +149,7 @@ def _val_score(model: CausalCodec, clips: list[np.ndarray], sr: int) -> dict[str
         for clip in clips:
             x = torch.from_numpy(clip)[None]
             codes = model.encode(x.to(device)).codes
-            y = model.decode(codes)[0, : x.shape[-1]].float().cpu()
+            y = model.decode(codes)[0, : x.shape[-1]].cpu()
             mel.append(log_mel_distance(y, x[0], sr))
             sdr.append(si_sdr(y, x[0]))
     model.train()
@@ -317,8 +317,9 @@ def train(opts: TrainOptions) -> None:
 def _fit_decay(opts: TrainOptions, step: int, step_seconds: float, seconds_left: float,
                val_clips: int) -> TrainOptions:
     """``opts`` with ``decay_steps`` sized so the warm-up and the cosine end at about 90 % of the
-    time left, counting validation at an estimated 0.05 s per clip and scoring."""
-    val_cost = 0.05 * val_clips * 2 / opts.val_every  # per step: both weights scored every val_every
+    time left, counting validation at an estimated (not measured) 0.05 s per clip and scoring."""
+    scored = 2 if opts.ema else 1  # with a weight average, the live and the averaged weights
+    val_cost = 0.05 * val_clips * scored / opts.val_every  # per step
     steps_left = int(0.9 * seconds_left / (step_seconds + val_cost))
     done = step - opts.decay_from
     decay = max(1, steps_left + done - (opts.warmup or 0))
