@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ship_parser(sub)
 
     from streamtok.training.discriminator import KINDS as DISC_KINDS
+    from streamtok.training.losses import MEL_SCALES
     from streamtok.training.train import RECIPE
 
     t = sub.add_parser("train", help="train a codec (resumes from OUT/checkpoint.pt)",
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--adversarial-from", int, "step at which the GAN loss starts")
     setting("--disc", str, "discriminator of the GAN phase: multi-period (cheap), multi-scale STFT, or both",
             choices=DISC_KINDS)
+    setting("--mel-loss", str, "scales of the multi-scale mel loss: 256-2048 samples with up to 64 mels, "
+                               "or 32-2048 with n_fft * 5 / 32 mels (as DAC)", choices=list(MEL_SCALES))
     setting("--disc-batch", int, "items of each batch the GAN losses see; off: all, fewer saves CPU time")
     t.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     t.add_argument("--time-limit", type=float, metavar="SECONDS",

@@ -13,6 +13,7 @@ import torch
 
 from streamtok.models.codec import CausalCodec, CodecConfig
 from streamtok.models.weights import load_codec, read_metadata, save_codec
+from streamtok.training.losses import MEL_SCALES, MultiScaleMelLoss
 from streamtok.training.train import (
     RECIPE,
     TrainOptions,
@@ -303,3 +304,31 @@ def test_a_packed_corpus_reads_like_the_original(corpus: Path, tmp_path: Path) -
     for x, y in zip(a.clips, b.clips, strict=True):
         err = np.mean((x - y) ** 2) / np.mean(x ** 2)
         assert err < 0.1  # lossy, but the same signal (a wrong clip or a shift would be ~1-2)
+
+
+def test_the_seven_scale_mel_loss_sees_timing_the_four_scale_one_hardly_sees() -> None:
+    """A pulse train 1 ms late: to the 4-scale loss (hops of 4 ms and more) it is a small error
+    next to faint noise; the 7-scale loss's 2 ms windows see it."""
+    x = torch.zeros(1, 16000)
+    x[0, 1000::160] = 0.5  # 100 Hz pitch pulses
+    late = torch.roll(x, 16, dims=1)
+    noisy = x + 0.01 * torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
+    share = {}
+    for scales in MEL_SCALES:
+        loss = MultiScaleMelLoss(16000, scales)
+        assert float(loss(x, x)) == 0.0
+        share[scales] = float(loss(x, late)) / float(loss(x, noisy))
+    assert share["4-scale"] < 0.15
+    assert share["7-scale"] > 3 * share["4-scale"]
+    assert [(m.n_fft, m.fb.shape[0]) for m in MultiScaleMelLoss(16000, "7-scale").mels] == [
+        (32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320)]
+    with pytest.raises(ValueError, match="unknown mel loss scales"):
+        MultiScaleMelLoss(16000, "9-scale")
+
+
+def test_a_run_keeps_its_mel_loss_on_resume(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(options(corpus, out, steps=2, mel_loss="7-scale"))
+    train(TrainOptions(config=str(CONFIG), data=str(corpus), out=str(out), steps=4, log_every=2))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["options"]["mel_loss"] == "7-scale"
+    assert all(np.isfinite(r["mel"]) for r in log_rows(out) if "mel" in r)

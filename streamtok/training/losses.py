@@ -47,13 +47,25 @@ class MelSpectrogram(nn.Module):
         return self.fb @ spec.abs()
 
 
-class MultiScaleMelLoss(nn.Module):
-    """Sum over STFT scales of L1 on mel magnitudes and on log-mel (as in DAC / EnCodec)."""
+# The scales of the multi-scale mel loss, as (n_fft, n_mels) pairs; hops are n_fft // 4.
+MEL_SCALES: dict[str, tuple[tuple[int, int], ...]] = {
+    # four scales of 16-128 ms at 16 kHz, at most 64 mels (EnCodec-like): the recipe's first loss
+    "4-scale": ((256, 64), (512, 64), (1024, 64), (2048, 64)),
+    # seven scales of 2-128 ms with n_fft * 5 / 32 mels (as DAC): the short windows see the
+    # timing of pitch pulses and onsets, the long ones harmonics finer than 64 mels resolve
+    "7-scale": ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320)),
+}
 
-    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (256, 512, 1024, 2048),
-                 n_mels: int = 64) -> None:
+
+class MultiScaleMelLoss(nn.Module):
+    """Mean over STFT scales of L1 on mel magnitudes and on log-mel (as in DAC / EnCodec);
+    ``scales`` names an entry of MEL_SCALES."""
+
+    def __init__(self, sample_rate: int, scales: str = "4-scale") -> None:
         super().__init__()
-        self.mels = nn.ModuleList(MelSpectrogram(sample_rate, n, min(n_mels, n // 4)) for n in n_ffts)
+        if scales not in MEL_SCALES:
+            raise ValueError(f"unknown mel loss scales {scales!r}; known: {', '.join(MEL_SCALES)}")
+        self.mels = nn.ModuleList(MelSpectrogram(sample_rate, n, m) for n, m in MEL_SCALES[scales])
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         loss = x.new_zeros(())

@@ -61,6 +61,7 @@ class TrainOptions:
     adversarial_from: int | None = None  # step at which the discriminator joins
     disc: str | None = None  # which discriminator (see streamtok.training.discriminator)
     disc_batch: int | None = None  # items of each batch the GAN losses see (saves CPU)
+    mel_loss: str | None = None  # scales of the multi-scale mel loss (a key of losses.MEL_SCALES)
 
 
 # The recipe's values of the run settings; None for the optional parts means "off" (no decay, no
@@ -68,7 +69,7 @@ class TrainOptions:
 RECIPE: dict[str, object] = {
     "lr": 3e-4, "decay_from": None, "warmup": 0, "decay_steps": 10_000, "lr_min": 3e-5, "ema": None,
     "quantizer_dropout": 0.5, "new_lr_scale": 1.0, "batch": 8, "segment_seconds": 1.0,
-    "adversarial_from": None, "disc": "mpd", "disc_batch": None,
+    "adversarial_from": None, "disc": "mpd", "disc_batch": None, "mel_loss": "4-scale",
 }
 
 
@@ -192,7 +193,7 @@ def train(opts: TrainOptions) -> None:
     opt = torch.optim.AdamW(_param_groups(model, new, opts.new_lr_scale), lr=opts.lr, betas=(0.5, 0.9),
                             weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=opts.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    mel_loss = MultiScaleMelLoss(cfg.sample_rate).to(device)
+    mel_loss = MultiScaleMelLoss(cfg.sample_rate, opts.mel_loss).to(device)
 
     best = math.inf
     if ckpt is not None:
