@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
             choices=DISC_KINDS)
     setting("--mel-loss", str, "scales of the multi-scale mel loss: 256-2048 samples with up to 64 mels, "
                                "or 32-2048 with n_fft * 5 / 32 mels (as DAC)", choices=list(MEL_SCALES))
+    setting("--gain-db", _db_range, "range of the random gain on training crops, LOW,HIGH in dB around "
+                                    "the clips' -23 dBFS; write --gain-db=-22,8 (a value starting with '-' needs the '=')",
+            metavar="LOW,HIGH")
     setting("--disc-batch", int, "items of each batch the GAN losses see; off: all, fewer saves CPU time")
     t.add_argument("--device", default="cpu", type=device_name, help=DEVICE_HELP)
     t.add_argument("--time-limit", type=float, metavar="SECONDS",
@@ -391,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--threads", type=int, default=argparse.SUPPRESS,
                              help="torch CPU threads, as before the command")
     return p
+
+
+def _db_range(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` in dB (e.g. ``-22,8``) as a pair with LOW <= HIGH."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in dB (e.g. -22,8), got {text!r}") from None
+    if low > high:
+        raise argparse.ArgumentTypeError(f"LOW must not exceed HIGH, got {text!r}")
+    return low, high
 
 
 def _one_line(e: BaseException) -> str:

@@ -332,3 +332,30 @@ def test_a_run_keeps_its_mel_loss_on_resume(corpus: Path, tmp_path: Path) -> Non
     train(TrainOptions(config=str(CONFIG), data=str(corpus), out=str(out), steps=4, log_every=2))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["options"]["mel_loss"] == "7-scale"
     assert all(np.isfinite(r["mel"]) for r in log_rows(out) if "mel" in r)
+
+
+def test_crops_take_a_gain_from_the_runs_range(corpus: Path) -> None:
+    """Clips sit at -23 dBFS; each crop's level moves by a gain drawn from ``gain_db``, so a
+    wider range trains the codec on quieter and louder input."""
+    from streamtok.training.data import Augmenter, SpeechCorpus
+
+    clips = SpeechCorpus.from_folder(corpus, 16000)
+    levels = {}
+    for gain in [(-12.0, 6.0), (-30.0, -20.0)]:
+        aug = Augmenter(clips, 16000, gain_db=gain, seed=0)  # 1 s crops of steady chirps
+        crops = aug.batch(64)
+        levels[gain] = 10 * np.log10(np.mean(crops.astype(np.float64) ** 2, axis=1))
+    for (low, high), dbfs in levels.items():
+        assert np.all(dbfs >= -23 + low - 1.5) and np.all(dbfs <= -23 + high + 0.5)
+    assert levels[(-30.0, -20.0)].max() < levels[(-12.0, 6.0)].min()
+
+
+def test_gain_db_flag_takes_a_range() -> None:
+    from streamtok.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--config", "c", "--data", "d", "--out", "o", "--gain-db=-22,8"])
+    assert args.gain_db == (-22.0, 8.0)
+    assert build_parser().parse_args(["train", "--config", "c", "--data", "d", "--out", "o"]).gain_db is None
+    for bad in ["8,-22", "-22", "a,b"]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--config", "c", "--data", "d", "--out", "o", f"--gain-db={bad}"])

@@ -62,6 +62,7 @@ class TrainOptions:
     disc: str | None = None  # which discriminator (see streamtok.training.discriminator)
     disc_batch: int | None = None  # items of each batch the GAN losses see (saves CPU)
     mel_loss: str | None = None  # scales of the multi-scale mel loss (a key of losses.MEL_SCALES)
+    gain_db: tuple[float, float] | None = None  # range of the random gain on crops (clips sit at -23 dBFS)
 
 
 # The recipe's values of the run settings; None for the optional parts means "off" (no decay, no
@@ -70,6 +71,7 @@ RECIPE: dict[str, object] = {
     "lr": 3e-4, "decay_from": None, "warmup": 0, "decay_steps": 10_000, "lr_min": 3e-5, "ema": None,
     "quantizer_dropout": 0.5, "new_lr_scale": 1.0, "batch": 8, "segment_seconds": 1.0,
     "adversarial_from": None, "disc": "mpd", "disc_batch": None, "mel_loss": "4-scale",
+    "gain_db": (-12.0, 6.0),
 }
 
 
@@ -215,7 +217,7 @@ def train(opts: TrainOptions) -> None:
     corpus = SpeechCorpus.from_folder(opts.data, cfg.sample_rate)
     noise = SpeechCorpus.from_folder(opts.noise, cfg.sample_rate) if opts.noise else None
     segment = int(round(opts.segment_seconds * cfg.sample_rate / cfg.frame_size)) * cfg.frame_size
-    aug = Augmenter(corpus, segment, noise, seed=opts.seed + step)
+    aug = Augmenter(corpus, segment, noise, gain_db=tuple(opts.gain_db), seed=opts.seed + step)
     val_clips: list[np.ndarray] = []
     if opts.val:
         val = SpeechCorpus.from_folder(opts.val, cfg.sample_rate, limit=None)
