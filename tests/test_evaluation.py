@@ -210,3 +210,20 @@ def test_diagnosis_separates_magnitude_and_phase_errors(folder: Path, capsys) ->
     assert main([str(get_spec("default").find_weights()), "--dev", str(folder), "--limit", "1"]) == 0
     out = capsys.readouterr().out
     assert all(f"| {row} |" in out for row in ROWS)
+
+
+def test_level_sweep_scores_the_same_clips_at_every_level(folder: Path, capsys) -> None:
+    from streamtok.models.registry import get_spec
+    from streamtok.training.diagnose import level_sweep, main
+
+    model = load_model("default")
+    result = level_sweep(model, folder, limit=3, levels=[-40.0, -20.0])
+    assert list(result) == [-40.0, -20.0]
+    assert [r["clips"] for r in result.values()] == [3, 3]
+    assert all(0.5 < r["stoi"] <= 1 and np.isfinite(r["log_mel"]) for r in result.values())
+    # at -3 dBFS RMS speech's peaks would clip: those clips are left out at every level
+    assert level_sweep(model, folder, limit=3, levels=[-40.0, -3.0]) == {}
+    assert main([str(get_spec("default").find_weights()), "--dev", str(folder), "--limit", "1",
+                 "--levels=-20,-40"]) == 0
+    out = capsys.readouterr().out
+    assert "| -40 | 1 |" in out and "| -20 | 1 |" in out
