@@ -232,6 +232,8 @@ def test_ema_run_keeps_the_average_as_best_and_resumes_it(corpus: Path, tmp_path
     assert any(not torch.equal(live[k], avg[k]) for k in conv)
     best = load_codec(out / "best.safetensors").state_dict()
     assert all(torch.equal(best[k], avg[k]) for k in conv)  # the average, not the live weights
+    average = load_codec(out / "average.safetensors").state_dict()  # the average at the checkpoint
+    assert all(torch.equal(average[k], avg[k]) for k in conv)
     opts.steps, opts.ema = 8, None
     train(opts)  # resumes the average too, without the flag
     resumed = torch.load(out / "checkpoint.pt", weights_only=False)

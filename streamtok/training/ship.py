@@ -61,7 +61,7 @@ def replace_block(text: str, begin: str, end: str, body: str) -> str:
 
 
 def ship(run: Path, data: Path, dev: Path, eval_limit: int, units_limit: int, k: int,
-         hardware: str) -> None:
+         hardware: str, weights: str = "best.safetensors") -> None:
     import torch
 
     from streamtok.evaluation import evaluate
@@ -71,9 +71,10 @@ def ship(run: Path, data: Path, dev: Path, eval_limit: int, units_limit: int, k:
     from streamtok.tokenize_file import encode_array
     from streamtok.training.data import load_audio, normalize_rms, read_manifest
 
-    src = run / "best.safetensors"
+    src = run / weights
     if not src.exists():
-        raise StreamtokError(f"{src} not found: train with --val so a best checkpoint is kept")
+        raise StreamtokError(f"{src} not found: train with --val so a best checkpoint is kept"
+                             if weights == "best.safetensors" else f"{src} not found")
     meta = read_metadata(src)
     model = load_codec(src)
     target = WEIGHTS_DIR / "default.safetensors"
@@ -114,13 +115,17 @@ def ship(run: Path, data: Path, dev: Path, eval_limit: int, units_limit: int, k:
 
 def cmd_ship(args: argparse.Namespace) -> int:
     ship(Path(args.run), Path(args.data), Path(args.dev), args.eval_limit, args.units_limit,
-         args.k, args.hardware)
+         args.k, args.hardware, args.weights)
     return 0
 
 
 def add_ship_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ship", help="package a run's best weights as `default` (+ units, golden codes, model card)")
+    p = sub.add_parser("ship", help="package a run's weights (by default its best) as `default` (+ units, golden codes, model card)")
     p.add_argument("run", help="training run folder (with best.safetensors and log.jsonl)")
+    p.add_argument("--weights", default="best.safetensors",
+                   help="which of the run's weights: best.safetensors (the best validation log-mel), "
+                        "average.safetensors (the weight average at the last checkpoint) or last.safetensors "
+                        "(default: %(default)s)")
     p.add_argument("--data", default="../shared/data/speech/train", help="folder to fit the units on")
     p.add_argument("--dev", default="../shared/data/speech/dev", help="folder for the quality table")
     p.add_argument("--eval-limit", type=int, default=60,

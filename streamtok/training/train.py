@@ -311,6 +311,10 @@ def train(opts: TrainOptions) -> None:
                        tmp)
             tmp.replace(ckpt_path)
             save_codec(model, out / "last.safetensors", {"step": str(step)})
+            if ema is not None:
+                # the average as it is now: after a change of loss, the validation log-mel that
+                # picks best.safetensors may no longer rank what the run is after
+                save_codec(ema.model, out / "average.safetensors", {"step": str(step)})
     bar.close()
     logf.close()
     if timed_out:
