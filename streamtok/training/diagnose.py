@@ -11,10 +11,11 @@ removing one source of error:
 
 The oracle rows say whether magnitudes or phases cost more, so which loss or layer to work on.
 
-``--levels=-45,-35,-25,-15`` instead scores the codec on the same clips brought to each input
+``--levels=-50,-40,-30,-20`` instead scores the codec on the same clips brought to each input
 level (RMS dBFS): a microphone's level varies far more than a corpus's, and a codec trained on
 one loudness range may code quieter or louder speech worse. Clips whose peak would clip at the
-loudest level are left out, so every level scores the same clips.
+loudest level are left out, so every level scores the same clips (at -15 dBFS most speech
+would clip).
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def levels_markdown(result: dict[float, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _levels(text: str) -> list[float]:
+    try:
+        return sorted(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected levels in dBFS like -50,-40,-30, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from streamtok.models.weights import load_codec
 
@@ -118,14 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev", default="../shared/data/speech/dev", help="folder with manifest.tsv")
     p.add_argument("--limit", type=int, default=20, help="clips, spread over the manifest")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--levels", help="comma-separated input levels in RMS dBFS (e.g. --levels=-45,-35,-25,-15): "
-                                    "score the codec at each level instead")
+    p.add_argument("--levels", type=_levels, help="comma-separated input levels in RMS dBFS (e.g. "
+                                                  "--levels=-50,-40,-30,-20): score the codec at each level instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_codec(args.weights)
     if args.levels:
-        levels = sorted(float(v) for v in args.levels.split(","))
-        print(levels_markdown(level_sweep(model, Path(args.dev), args.limit, levels)))
+        print(levels_markdown(level_sweep(model, Path(args.dev), args.limit, args.levels)))
     else:
         print(to_markdown(diagnose(model, Path(args.dev), args.limit)))
     return 0
