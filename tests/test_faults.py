@@ -552,7 +552,6 @@ def test_resume_that_would_leave_a_gap_raises_instead():
     run(main())
 
 
-
 @pytest.mark.parametrize("rate", [8000, 11025, 12345, 22050, 44100, 47999, 48000, 96000])
 def test_a_held_buffer_always_holds_a_whole_step(rate):
     """The buffer is sized a step plus the resampler's tail, so once it takes no more input
